@@ -1,0 +1,68 @@
+"""The two message shapes that cross between the control plane (actors) and the data plane (the loop).
+
+Actors -> loop: a `PoolSnapshot` per listener, replaced whole (never mutated). The loop reads it for
+every routing decision, so a decision is a local read. Snapshots are plain tuples of strings and
+numbers: `to_wire()` makes them JSON-serialisable, so the same message can later cross a process
+boundary over the socketpair instead of a queue.
+
+Loop -> actors: `Outcome` tuples, one per finished request (HTTP) or connection (TCP), sent in
+batches with `tell` (never `ask`) every few milliseconds.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+UP, DOWN, DRAINING, OPEN, HALF_OPEN = "up", "down", "draining", "open", "half_open"
+
+
+@dataclass(frozen=True)
+class BackendView:
+    """What the loop needs to know about one backend to route to it."""
+
+    index: int  # position in ListenerConfig.backends; stable for the snapshot's lifetime
+    host: str
+    port: int
+    instance: str | None
+    weight: int  # effective weight (performance_based changes it)
+    state: str  # UP, DOWN, DRAINING, OPEN or HALF_OPEN
+    region: str | None = None
+    half_open_slots: int = 0  # concurrent trial requests admitted while HALF_OPEN
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def routable(self) -> bool:
+        """May take new unpinned requests."""
+        return self.state in (UP, HALF_OPEN)
+
+
+@dataclass(frozen=True)
+class PoolSnapshot:
+    listener: int  # ListenerConfig.index
+    version: int
+    backends: tuple[BackendView, ...]
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "PoolSnapshot":
+        return cls(data["listener"], data["version"], tuple(BackendView(**b) for b in data["backends"]))
+
+
+class Outcome(NamedTuple):
+    """One finished request (HTTP) or connection (TCP), as the loop saw it."""
+
+    listener: int
+    backend: int  # BackendView.index, or -1 when no backend was involved (LB-made response)
+    status: int  # HTTP status sent to the client; 0 for TCP connections
+    latency: float  # seconds from request head received to response head sent (TCP: duration)
+    bytes_in: int  # from the client
+    bytes_out: int  # to the client
+    error: str | None  # None, or: connect, timeout, reset, invalid_response, lb_4xx, lb_5xx,
+    #                    rate_limited, breaker_open, no_backend
+    client_ip: str
+    lb_made: bool  # the load balancer produced the response itself (never a backend failure)
