@@ -25,3 +25,63 @@ class LoopReport:
     outcomes: tuple[Outcome, ...]
     active: dict = field(default_factory=dict)  # (listener, backend) -> requests/connections in flight
     client_connections: dict = field(default_factory=dict)  # listener -> open client connections
+
+
+@dataclass(frozen=True)
+class HealthEvent:
+    """HealthProbe -> Listener: a backend's health state changed (or was reset to down)."""
+
+    backend: int  # BackendConfig index in the listener
+    healthy: bool
+    error: str | None = None  # why the last check failed, if it did
+
+
+@dataclass(frozen=True)
+class BreakerEvent:
+    """CircuitBreaker -> Listener: a backend's breaker changed state ("closed", "open", "half_open")."""
+
+    backend: int
+    state: str
+
+
+@dataclass(frozen=True)
+class BackendOutcomes:
+    """Runtime's report fan-out -> Backend / CircuitBreaker / RateLimiter actors: one listener's share of a LoopReport."""
+
+    outcomes: tuple[Outcome, ...]
+    active: int = 0  # requests (HTTP) or connections (TCP) in flight on this backend at report time
+
+
+@dataclass(frozen=True)
+class Eject:
+    """Backend -> Listener: live traffic failed on this backend (health_aware_round_robin passive ejection)."""
+
+    backend: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ProcessStatus:
+    """Listener -> HealthProbe: the backend's process became routable (online) or stopped being so.
+
+    The probe only checks backends whose process runs, and a backend whose process (re)starts is
+    down again until its first passing check.
+    """
+
+    backend: int
+    running: bool
+
+
+@dataclass(frozen=True)
+class MarkDown:
+    """Listener -> HealthProbe: treat this backend as failed (it was ejected); it needs passing rounds again."""
+
+    backend: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A timer firing inside one actor (sent by `actors/timers.py`); `key` says which timer."""
+
+    key: object

@@ -1,0 +1,231 @@
+"""Listener actor: owns one listener's pool table and publishes it to the I/O loop as a `PoolSnapshot`.
+
+Theory of operation. For every backend of the listener the table merges what the other actors say:
+- process: the supervisor's `InstanceEvent`s; only an `online` instance is routable; a backend
+  without a managed instance is always "process ok";
+- health: `HealthEvent`s from the HealthProbe (active checks, or connect probes for backends without
+  checks). A backend starts down and comes up at its first passing check (decisions.md section 8);
+  when its process leaves `online` it is down again and the probe starts over;
+- breaker: `BreakerEvent`s from the CircuitBreaker actor;
+- drain flag (`drain` / `enable`);
+- quarantine (health_aware_round_robin only): a backend that turns unhealthy or is ejected by live
+  traffic (`Eject` from its Backend actor) stays out at least `quarantine_duration`. The passive rule
+  alone never ejects the last routable backend;
+- effective weight (performance_based, `set_weights`).
+
+The state the loop sees, first match wins: process not online, unhealthy or quarantined -> DOWN;
+breaker open -> OPEN; draining -> DRAINING; breaker half-open -> HALF_OPEN (with the configured
+number of trial slots, which the loop enforces locally); else UP. Every change of the table that
+changes what the loop sees publishes a new immutable snapshot with the next version.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import pykka
+
+from actors.messages import BreakerEvent, Eject, HealthEvent, InstanceEvent, MarkDown, ProcessStatus, Tick
+from actors.timers import Timers
+from net.config import BackendConfig, ListenerConfig
+from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
+
+CLOSED = "closed"
+
+
+@dataclass
+class _PoolRow:
+    """What the Listener knows about one backend; mutated only by the actor's thread."""
+
+    config: BackendConfig
+    instance_status: str | None  # None: not a managed instance
+    healthy: bool = False
+    health_error: str | None = None
+    breaker: str = CLOSED
+    draining: bool = False
+    quarantined_until: float = 0.0  # time.monotonic()
+    weight: int = 1
+
+    @property
+    def process_ok(self) -> bool:
+        return self.config.instance is None or self.instance_status == "online"
+
+
+class Listener(pykka.ThreadingActor):
+    def __init__(self, config: ListenerConfig, publish: Callable[[PoolSnapshot], None], timers: Timers):
+        super().__init__()
+        self.config = config
+        self._publish_to_loop = publish
+        self._timers = timers
+        self._rows = [_PoolRow(b, instance_status=None if b.instance is None else "unknown", weight=b.weight)
+                      for b in config.backends]
+        self._probe: pykka.ActorRef | None = None
+        self._version = 0
+        self._published: tuple[BackendView, ...] | None = None
+        self._quarantine_aware = config.strategy == "health_aware_round_robin"
+
+    def on_start(self) -> None:
+        self._publish()
+
+    # --- wiring and commands (asked by the Runtime) ---
+
+    def attach_probe(self, probe_ref: pykka.ActorRef) -> None:
+        """The HealthProbe is created after this actor (it needs our ref); it is told of process changes."""
+        self._probe = probe_ref
+
+    def drain(self, indexes: list[int]) -> list[dict]:
+        for i in indexes:
+            self._rows[i].draining = True
+        self._publish()
+        return [self._row_dict(i) for i in indexes]
+
+    def enable(self, indexes: list[int]) -> list[dict]:
+        for i in indexes:
+            self._rows[i].draining = False
+        self._publish()
+        return [self._row_dict(i) for i in indexes]
+
+    def set_weights(self, weights: dict[int, int]) -> None:
+        """performance_based: the effective weight per backend index (configured weight where absent)."""
+        for i, row in enumerate(self._rows):
+            row.weight = weights.get(i, row.config.weight)
+        self._publish()
+
+    def snapshot(self) -> PoolSnapshot:
+        return PoolSnapshot(self.config.index, self._version, self._published or ())
+
+    def backends(self) -> list[dict]:
+        return [self._row_dict(i) for i in range(len(self._rows))]
+
+    # --- messages from other actors ---
+
+    def on_receive(self, message: object) -> None:
+        match message:
+            case InstanceEvent():
+                self._instance_event(message)
+            case HealthEvent():
+                self._health_event(message)
+            case BreakerEvent(backend=i, state=state):
+                self._rows[i].breaker = state
+                self._publish()
+            case Eject():
+                self._eject(message)
+            case Tick(key="quarantine"):
+                self._publish()
+
+    def _instance_event(self, event: InstanceEvent) -> None:
+        status = "removed" if event.removed else event.status
+        for i, row in enumerate(self._rows):
+            if row.config.instance != event.name:
+                continue
+            was_ok = row.process_ok
+            row.instance_status = status
+            if was_ok != row.process_ok:
+                if not row.process_ok:
+                    row.healthy = False
+                if self._probe is not None:
+                    self._probe.tell(ProcessStatus(i, row.process_ok))
+        self._publish()
+
+    def _health_event(self, event: HealthEvent) -> None:
+        row = self._rows[event.backend]
+        if row.healthy and not event.healthy:
+            self._quarantine(event.backend)
+        row.healthy = event.healthy
+        row.health_error = event.error
+        self._publish()
+
+    def _eject(self, event: Eject) -> None:
+        """Passive ejection (health_aware_round_robin): out now, back after quarantine and a passing check."""
+        if not self._quarantine_aware:
+            return
+        now = time.monotonic()
+        if self._view_state(event.backend, now) != UP:
+            return
+        others_routable = sum(1 for i in range(len(self._rows))
+                              if i != event.backend and self._view_state(i, now) in (UP, HALF_OPEN))
+        if others_routable == 0:
+            return
+        row = self._rows[event.backend]
+        row.healthy = False
+        row.health_error = f"ejected: {event.reason}"
+        self._quarantine(event.backend)
+        if self._probe is not None:
+            self._probe.tell(MarkDown(event.backend, row.health_error))
+        self._publish()
+
+    def _quarantine(self, index: int) -> None:
+        if not self._quarantine_aware:
+            return
+        duration = self._quarantine_duration(self._rows[index].config)
+        if duration > 0:
+            self._rows[index].quarantined_until = time.monotonic() + duration
+            self._timers.tell_later(duration, self.actor_ref, Tick("quarantine"))
+
+    def _quarantine_duration(self, backend: BackendConfig) -> float:
+        if backend.balancing is not None:
+            return backend.balancing.quarantine_duration or self.config.quarantine_duration
+        return self.config.quarantine_duration
+
+    def _excludes_unhealthy(self, backend: BackendConfig) -> bool:
+        if backend.balancing is not None:
+            return backend.balancing.exclude_unhealthy
+        return self.config.exclude_unhealthy
+
+    # --- the merge ---
+
+    def _view_state(self, index: int, now: float) -> str:
+        row = self._rows[index]
+        if not row.process_ok:
+            return DOWN
+        if self._excludes_unhealthy(row.config) and (not row.healthy or now < row.quarantined_until):
+            return DOWN
+        if row.breaker == OPEN:
+            return OPEN
+        if row.draining:
+            return DRAINING
+        if row.breaker == HALF_OPEN:
+            return HALF_OPEN
+        return UP
+
+    def _views(self) -> tuple[BackendView, ...]:
+        now = time.monotonic()
+        views = []
+        for i, row in enumerate(self._rows):
+            state = self._view_state(i, now)
+            views.append(BackendView(
+                index=i, host=row.config.host, port=row.config.port, instance=row.config.instance,
+                weight=row.weight, state=state, region=row.config.region,
+                half_open_slots=self.config.circuit_breaker.half_open_requests if state == HALF_OPEN else 0,
+            ))
+        return tuple(views)
+
+    def _publish(self) -> None:
+        views = self._views()
+        if views == self._published:
+            return
+        self._published = views
+        self._version += 1
+        self._publish_to_loop(PoolSnapshot(self.config.index, self._version, views))
+
+    def _row_dict(self, index: int) -> dict:
+        row = self._rows[index]
+        view = self._published[index] if self._published else None
+        now = time.monotonic()
+        return {
+            "index": index,
+            "address": row.config.address,
+            "instance": row.config.instance,
+            "app": row.config.app,
+            "process": row.instance_status,
+            "state": view.state if view else DOWN,
+            "healthy": row.healthy,
+            "health_error": row.health_error,
+            "breaker": row.breaker,
+            "draining": row.draining,
+            "quarantined_for": max(0.0, row.quarantined_until - now),
+            "weight": row.weight,
+            "region": row.config.region,
+            "listener": self.config.port,
+        }

@@ -1,0 +1,134 @@
+"""HealthProbe + Listener actors against real HTTP backends on 127.0.0.1: what the loop would be told."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from actors.health import HealthProbe
+from actors.listener import Listener
+from actors.timers import Timers
+from net.config import BackendConfig, HealthCheckConfig, ListenerConfig
+from net.snapshot import DOWN, UP
+from tinybackend import TinyBackend, free_port, wait_for
+
+
+class Pool:
+    """A Listener actor and its HealthProbe, with every snapshot the Listener publishes recorded."""
+
+    def __init__(self, listener: ListenerConfig):
+        self.snapshots = []
+        self._lock = threading.Lock()
+        self.timers = Timers()
+        self.listener = Listener.start(listener, self._record, self.timers)
+        self.probe = HealthProbe.start(listener, self.listener, None, self.timers)
+        self.listener.proxy().attach_probe(self.probe).get()
+
+    def _record(self, snapshot):
+        with self._lock:
+            self.snapshots.append(snapshot)
+
+    def states(self) -> list[str]:
+        with self._lock:
+            return [b.state for b in self.snapshots[-1].backends]
+
+    def health(self) -> list[dict]:
+        return self.probe.proxy().status().get()
+
+    def close(self):
+        self.probe.stop()
+        self.listener.stop()
+        self.timers.close()
+
+
+@pytest.fixture
+def make_pool():
+    pools = []
+
+    def make(*backends: BackendConfig, strategy="round_robin") -> Pool:
+        pool = Pool(ListenerConfig(index=0, port=free_port(), strategy=strategy, backends=tuple(backends)))
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+def checked(port: int, **check) -> BackendConfig:
+    options = dict(interval=0.2, timeout=1.0, failure_threshold=2)
+    options.update(check)
+    return BackendConfig("127.0.0.1", port, health_check=HealthCheckConfig(**options))
+
+
+def test_backend_starts_down_and_comes_up_at_its_first_passing_check(make_pool):
+    with TinyBackend() as backend:
+        backend.health_status = 503
+        pool = make_pool(checked(backend.port))
+        wait_for(lambda: backend.health_requests >= 2, what="two failing checks")
+        assert pool.states() == [DOWN]
+        assert pool.health()[0]["last_error"] == "status 503"
+        backend.health_status = 200
+        wait_for(lambda: pool.states() == [UP], what="backend up")
+        assert pool.health()[0]["state"] == "up"
+
+
+def test_down_after_failure_threshold_failed_rounds_then_up_again(make_pool):
+    with TinyBackend() as backend:
+        pool = make_pool(checked(backend.port, interval=0.1, failure_threshold=3))
+        wait_for(lambda: pool.states() == [UP], what="backend up")
+        backend.health_status = 500
+        failing_from = backend.health_requests
+        wait_for(lambda: pool.states() == [DOWN], what="backend down")
+        assert backend.health_requests - failing_from >= 3  # three failed rounds, not one
+        assert pool.health()[0]["consecutive_failures"] >= 3
+        backend.health_status = 204
+        wait_for(lambda: pool.states() == [UP], what="backend up again")
+
+
+def test_a_round_is_a_probe_plus_retries_and_fails_only_when_all_fail(make_pool):
+    with TinyBackend() as backend:
+        pool = make_pool(checked(backend.port, interval=0.3, retries=2, failure_threshold=1))
+        wait_for(lambda: pool.states() == [UP], what="backend up")
+        backend.health_status = 500
+        before = backend.health_requests
+        wait_for(lambda: pool.states() == [DOWN], what="backend down")
+        assert backend.health_requests - before == 3  # probe + 2 immediate re-probes, one round
+
+
+def test_url_with_port_placeholder_is_checked_on_the_backend_port(make_pool):
+    with TinyBackend() as backend:
+        pool = make_pool(checked(backend.port, url="http://localhost:{{PORT}}/health?deep=1"))
+        wait_for(lambda: pool.states() == [UP], what="backend up")
+        assert pool.health()[0]["check"] == f"GET http://localhost:{backend.port}/health?deep=1"
+
+
+def test_backend_without_check_is_up_once_its_port_accepts_and_down_when_it_closes(make_pool):
+    port = free_port()
+    pool = make_pool(BackendConfig("127.0.0.1", port))
+    time.sleep(0.7)  # more than one connect-probe interval while nothing listens
+    assert pool.states() == [DOWN]
+    backend = TinyBackend(port=port)
+    try:
+        wait_for(lambda: pool.states() == [UP], what="backend up when its port accepts")
+    finally:
+        backend.close()
+    wait_for(lambda: pool.states() == [DOWN], timeout=8, what="backend down once its port closed")
+
+
+def test_a_hanging_backend_does_not_delay_the_checks_of_the_others(make_pool):
+    with TinyBackend("slow") as slow, TinyBackend("fast") as fast:
+        slow.hang_health = True
+        pool = make_pool(checked(slow.port, timeout=3.0), checked(fast.port))
+        wait_for(lambda: pool.states()[1] == UP, timeout=1.5, what="the fast backend up")
+        assert pool.states()[0] == DOWN
+        wait_for(lambda: fast.health_requests >= 4, timeout=3, what="the fast backend checked on")
+
+
+def test_check_now_runs_every_check_and_reports_each_result(make_pool):
+    with TinyBackend("good") as good, TinyBackend("bad") as bad:
+        bad.health_status = 503
+        pool = make_pool(checked(good.port, interval=30), checked(bad.port, interval=30))
+        results = [(row["backend"], future.result(5)) for row, future in pool.probe.proxy().check_now().get()]
+        assert results == [(f"127.0.0.1:{good.port}", None), (f"127.0.0.1:{bad.port}", "status 503")]
