@@ -1,5 +1,585 @@
-"""pmdaemon command line (placeholder until the CLI lands)."""
+"""pmdaemon: a process manager with a built-in HTTP/TLS/TCP load balancer.
+
+Usage:
+  pmdaemon start <config> [--no-daemon] [--json]
+  pmdaemon validate <config> [--json]
+  pmdaemon list [--json]
+  pmdaemon stop <target> [--json]
+  pmdaemon restart <target> [--json]
+  pmdaemon reload --config=<config> [--json]
+  pmdaemon reload <target> [--json]
+  pmdaemon scale <app> <n> [--json]
+  pmdaemon delete <target> [--json]
+  pmdaemon logs <app> [--lines=<n>] [--json]
+  pmdaemon kill [--json]
+  pmdaemon lb status [--json]
+  pmdaemon lb health [--json]
+  pmdaemon lb stats [--json]
+  pmdaemon lb monitor [--interval=<s>] [--count=<n>] [--json]
+  pmdaemon lb config [--json]
+  pmdaemon lb backends [--json]
+  pmdaemon lb traffic [--json]
+  pmdaemon lb health-check --test [--json]
+  pmdaemon lb metrics [--detailed] [--json]
+  pmdaemon lb drain <backend> [--json]
+  pmdaemon lb enable <backend> [--json]
+  pmdaemon lb export (nginx | haproxy) [--json]
+  pmdaemon -h | --help
+
+Arguments:
+  <config>   a config file (.json or .toml)
+  <target>   an app name, an instance name (web-app-2) or "all"
+  <backend>  host:port or an instance name such as web-app-2
+
+Options:
+  --no-daemon       run in the foreground until SIGINT/SIGTERM, then stop everything it started
+  --config=<config> apply a changed config in place (an invalid one is refused whole)
+  --lines=<n>       how many of the last lines of each log to show [default: 15]
+  --interval=<s>    seconds between two frames of the monitor [default: 1]
+  --count=<n>       stop the monitor after n frames (default: until Ctrl-C)
+  --detailed        add per-backend and per-status series
+  --json            print one JSON document on stdout (lb monitor: one per frame, one per line)
+  -h --help         show this help
+
+Environment:
+  PMDAEMON_HOME     where the daemon keeps its socket, logs and state [default: ~/.pmdaemon]
+  NO_COLOR          set it to print states without colour
+
+Exit status: 0 success, 1 a runtime failure, 2 a usage or config error.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from docopt import DocoptExit, docopt
+
+from net.control import EXIT_RUNTIME, EXIT_USAGE, CommandFailed, ControlClient, DaemonNotRunning
+from net.tables import (Column, MonitorView, format_bytes, format_duration, format_percent, render_pairs,
+                        render_table, use_colour)
+
+DAEMON_START_TIMEOUT = 15.0  # seconds to wait for a freshly spawned daemon's socket
+KILL_TIMEOUT = 60.0  # seconds to wait for the daemon's pid to disappear after `kill`
 
 
-def main() -> int:
-    raise SystemExit("pmdaemon: not built yet")
+class UsageError(Exception):
+    """A bad argument value docopt cannot check (exit 2)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+
+
+def _print_json(document: object) -> None:
+    print(json.dumps(document, indent=2, default=str))
+
+
+def _error(message: str) -> None:
+    print(f"pmdaemon: {message}", file=sys.stderr)
+
+
+def _scalar(value: object) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return value
+
+
+def _flatten(obj: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """{"responses": {"2xx": 3}} -> [("responses.2xx", 3)] for key/value output."""
+    pairs = []
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            pairs.extend(_flatten(value, f"{name}."))
+        else:
+            pairs.append((name, _scalar(value)))
+    return pairs
+
+
+def _table(rows: list[dict], preferred: list[Column], colour: bool) -> str:
+    """The preferred columns present in the rows, then any other keys the runtime added."""
+    present = {key for row in rows for key in row}
+    columns = [column for column in preferred if column.key in present]
+    known = {column.key for column in columns}
+    extra = [key for row in rows for key in row if key not in known]
+    columns += [Column(key, key, format=_scalar) for key in dict.fromkeys(extra)]
+    return render_table(columns or preferred, rows, colour)
+
+
+INSTANCE_COLUMNS = [
+    Column("name", "name"),
+    Column("app", "app"),
+    Column("status", "status", state=True),
+    Column("pid", "pid", align="right"),
+    Column("port", "port", align="right"),
+    Column("uptime", "uptime", align="right", format=format_duration),
+    Column("restarts", "restarts", align="right"),
+    Column("cpu", "cpu", align="right", format=format_percent),
+    Column("memory", "memory", align="right", format=format_bytes),
+]
+LISTENER_COLUMNS = [
+    Column("listener", "name"),
+    Column("host", "host"),
+    Column("port", "port", align="right"),
+    Column("type", "type"),
+    Column("strategy", "strategy"),
+    Column("up", "backends_up", align="right"),
+    Column("total", "backends_total", align="right"),
+    Column("req/s", "requests_per_second", align="right"),
+]
+BACKEND_COLUMNS = [
+    Column("address", "address"),
+    Column("instance", "instance"),
+    Column("listener", "listener"),
+    Column("state", "state", state=True),
+    Column("weight", "weight", align="right"),
+    Column("active", "active", align="right"),
+    Column("breaker", "breaker", state=True),
+]
+HEALTH_COLUMNS = [
+    Column("address", "address"),
+    Column("instance", "instance"),
+    Column("state", "state", state=True),
+    Column("ok", "ok"),
+    Column("last check", "last_check"),
+    Column("failures", "consecutive_failures", align="right"),
+    Column("detail", "detail"),
+]
+TRAFFIC_COLUMNS = [
+    Column("address", "address"),
+    Column("instance", "instance"),
+    Column("state", "state", state=True),
+]
+# Only the fields not all the `lb` tables share are left to the generic columns.
+
+
+# ---------------------------------------------------------------------------------------------
+# Config loading in the CLI process (so a bad config exits 2 and starts nothing)
+
+
+def _load_config(path: str):
+    from net.configfile import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise UsageError(f"invalid config {path}: {exc}\n"
+                         f"fix the file and check it with `pmdaemon validate {path}`") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
+
+
+def _config_source(config, path: str) -> str:
+    return getattr(config, "source", None) or str(Path(path).resolve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Daemon lifecycle from the CLI side
+
+
+def _home() -> Path:
+    from actors.daemon import default_home
+    return default_home()
+
+
+def _spawn_daemon(client: ControlClient) -> bool:
+    """Make sure a daemon runs for this home. True if this call started it."""
+    from actors.daemon import HomePaths, prepare_home
+
+    try:
+        client.call("ping", timeout=5)
+        return False
+    except DaemonNotRunning:
+        pass
+    paths = HomePaths(client.home)
+    prepare_home(paths)
+    with open(paths.log_file, "ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "actors.daemon", "--home", str(paths.home)],
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=paths.home, start_new_session=True)
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while True:
+        try:
+            client.call("ping", timeout=5)
+            return True
+        except DaemonNotRunning:
+            pass
+        returncode = process.poll()
+        if returncode is not None:
+            try:  # it lost a race against another `pmdaemon start`: use the winner
+                client.call("ping", timeout=5)
+                return False
+            except DaemonNotRunning:
+                raise CommandFailed(f"the daemon exited at start (status {returncode}):\n"
+                                    f"{_tail(paths.log_file)}") from None
+        if time.monotonic() > deadline:
+            raise CommandFailed(f"the daemon (pid {process.pid}) did not open {client.path} within "
+                                f"{DAEMON_START_TIMEOUT:g} s; see {paths.log_file}")
+        time.sleep(0.05)
+
+
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return f"(no log at {path})"
+
+
+def _wait_pid_gone(pid: int, timeout: float) -> bool:
+    """Wait for a process (not our child) to exit. A pidfd becomes readable at exit."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        return bool(ready)
+    finally:
+        os.close(pidfd)
+
+
+def _run_foreground(config, as_json: bool) -> int:
+    from actors.daemon import AlreadyRunning, Daemon, configure_logging, prepare_home
+
+    daemon = Daemon(_home())
+    try:
+        prepare_home(daemon.paths)
+        configure_logging(daemon.paths, foreground=True)
+        daemon.acquire()
+    except AlreadyRunning as exc:
+        _error(str(exc))
+        return EXIT_RUNTIME
+    daemon.install_signal_handlers()
+    try:
+        try:
+            report = daemon.start(config)
+        except (OSError, RuntimeError) as exc:
+            _error(f"could not start {config.source}: {exc}")
+            return EXIT_RUNTIME
+        _print_start_report(report, as_json, foreground=True)
+        sys.stdout.flush()
+        daemon.wait()
+    finally:
+        daemon.shutdown()
+    return 0
+
+
+def _print_start_report(report: dict, as_json: bool, foreground: bool = False) -> None:
+    if as_json:
+        _print_json(report)
+        return
+    started = ", ".join(report["started"]) or "nothing new"
+    print(f"started: {started}")
+    if report["unchanged_apps"]:
+        print(f"already running, left alone: {', '.join(report['unchanged_apps'])}")
+    if report["listeners"]:
+        print(f"listeners: {', '.join(report['listeners'])}")
+    if foreground:
+        print("running in the foreground; Ctrl-C or SIGTERM stops everything")
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_start(args: dict, client: ControlClient) -> int:
+    config = _load_config(args["<config>"])
+    if args["--no-daemon"]:
+        return _run_foreground(config, args["--json"])
+    spawned = _spawn_daemon(client)
+    try:
+        report = client.call("start", {"config": _config_source(config, args["<config>"])}, timeout=300)
+    except CommandFailed:
+        if spawned:  # leave nothing behind: the daemon we started for this config goes too
+            _kill_daemon(client)
+        raise
+    _print_start_report(report, args["--json"])
+    return 0
+
+
+def cmd_validate(args: dict, _client: ControlClient) -> int:
+    path = args["<config>"]
+    try:
+        config = _load_config(path)
+    except UsageError as exc:
+        if args["--json"]:
+            _print_json({"valid": False, "config": path, "error": str(exc).split("\n")[0]})
+        raise
+    apps = [app.name for app in config.apps]
+    listeners = [f"{listener.type}:{listener.host}:{listener.port}" for listener in config.listeners]
+    if args["--json"]:
+        _print_json({"valid": True, "config": _config_source(config, path), "apps": apps, "listeners": listeners})
+    else:
+        print(f"{path}: valid ({len(apps)} app(s): {', '.join(apps) or '-'}; "
+              f"{len(listeners)} listener(s): {', '.join(listeners) or '-'})")
+    return 0
+
+
+def cmd_list(args: dict, client: ControlClient) -> int:
+    try:
+        rows = client.call("list")
+    except DaemonNotRunning:
+        rows = []
+    if args["--json"]:
+        _print_json(rows)
+    else:
+        print(render_table(INSTANCE_COLUMNS, rows, use_colour(sys.stdout), empty="no instances running"))
+    return 0
+
+
+def _target_cmd(verb: str, past: str):
+    def command(args: dict, client: ControlClient) -> int:
+        target = args["<target>"]
+        names = client.call(verb, {"target": target}, timeout=300)
+        if args["--json"]:
+            _print_json({"target": target, past: names})
+        else:
+            print(f"{past}: {', '.join(names)}" if names else f"nothing to {verb}")
+        return 0
+    command.__name__ = f"cmd_{verb}"
+    return command
+
+
+cmd_stop = _target_cmd("stop", "stopped")
+cmd_restart = _target_cmd("restart", "restarted")
+cmd_delete = _target_cmd("delete", "deleted")
+
+
+def _print_result(result: object, as_json: bool) -> None:
+    """Generic output for commands whose result shape the runtime decides."""
+    if as_json:
+        _print_json(result)
+    elif isinstance(result, dict):
+        print(render_pairs(_flatten(result)))
+    elif isinstance(result, list) and all(isinstance(row, dict) for row in result):
+        print(_table(result, [], use_colour(sys.stdout)))
+    else:
+        print(result)
+
+
+def cmd_reload(args: dict, client: ControlClient) -> int:
+    if args["--config"]:
+        config = _load_config(args["--config"])
+        result = client.call("reload_config", {"config": _config_source(config, args["--config"])}, timeout=300)
+    else:
+        result = client.call("reload", {"target": args["<target>"]}, timeout=600)
+    _print_result(result, args["--json"])
+    return 0
+
+
+def _int_arg(text: str, name: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{name} must be a whole number, got '{text}'") from None
+    if value < minimum:
+        raise UsageError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def cmd_scale(args: dict, client: ControlClient) -> int:
+    n = _int_arg(args["<n>"], "<n> (the number of instances)", 0)
+    result = client.call("scale", {"app": args["<app>"], "n": n}, timeout=300)
+    _print_result(result, args["--json"])
+    return 0
+
+
+def cmd_logs(args: dict, client: ControlClient) -> int:
+    lines = _int_arg(args["--lines"], "--lines", 0)
+    logs = client.call("logs", {"app": args["<app>"], "lines": lines})
+    if args["--json"]:
+        _print_json(logs)
+        return 0
+    for instance, streams in logs.items():
+        for stream in ("out", "err"):
+            path = streams.get(f"{stream}_path") or f"{instance} {stream}"
+            print(f"==> {path} (last {lines} lines) <==")
+            text = streams.get(stream) or ""
+            print(text.rstrip("\n") if text else "(empty)")
+            print()
+    return 0
+
+
+def _kill_daemon(client: ControlClient) -> dict | None:
+    """Ask the daemon to stop everything and exit, then wait until its pid is gone."""
+    try:
+        result = client.call("kill", timeout=KILL_TIMEOUT)
+    except DaemonNotRunning:
+        return None
+    if not _wait_pid_gone(result["pid"], KILL_TIMEOUT):
+        raise CommandFailed(f"the daemon (pid {result['pid']}) is still running {KILL_TIMEOUT:g} s after "
+                            f"`kill`; see {client.home / 'daemon.log'}")
+    return result
+
+
+def cmd_kill(args: dict, client: ControlClient) -> int:
+    result = _kill_daemon(client)
+    if args["--json"]:
+        _print_json({"killed": result is not None, "pid": result and result["pid"],
+                     "instances": result["instances"] if result else []})
+    elif result is None:
+        print(f"no daemon running for PMDAEMON_HOME={client.home}")
+    else:
+        stopped = ", ".join(result["instances"]) or "no instances"
+        print(f"daemon (pid {result['pid']}) stopped, with {stopped}")
+    return 0
+
+
+# -- lb ------------------------------------------------------------------------------------------
+
+
+def _lb_table(cmd: str, columns: list[Column]):
+    def command(args: dict, client: ControlClient) -> int:
+        rows = client.call(cmd)
+        if args["--json"]:
+            _print_json(rows)
+        else:
+            print(_table(rows, columns, use_colour(sys.stdout)))
+        return 0
+    command.__name__ = f"cmd_{cmd}"
+    return command
+
+
+cmd_lb_status = _lb_table("lb_status", LISTENER_COLUMNS)
+cmd_lb_health = _lb_table("lb_health", HEALTH_COLUMNS)
+cmd_lb_backends = _lb_table("lb_backends", BACKEND_COLUMNS)
+cmd_lb_traffic = _lb_table("lb_traffic", TRAFFIC_COLUMNS)
+
+
+def cmd_lb_stats(args: dict, client: ControlClient) -> int:
+    _print_result(client.call("lb_stats"), args["--json"])
+    return 0
+
+
+def cmd_lb_config(args: dict, client: ControlClient) -> int:
+    config = client.call("lb_config")
+    if args["--json"]:
+        _print_json(config)
+    else:
+        print(json.dumps(config, indent=2, default=str))
+    return 0
+
+
+def cmd_lb_health_check(args: dict, client: ControlClient) -> int:
+    results = client.call("lb_health_check_test", timeout=300)
+    if args["--json"]:
+        _print_json(results)
+    else:
+        print(_table(results, HEALTH_COLUMNS, use_colour(sys.stdout)))
+    failed = [row for row in results if not row.get("ok")]
+    if failed and not args["--json"]:
+        _error(f"{len(failed)} of {len(results)} health check(s) failed")
+    return EXIT_RUNTIME if failed else 0
+
+
+def cmd_lb_metrics(args: dict, client: ControlClient) -> int:
+    detailed = bool(args["--detailed"])
+    if args["--json"]:
+        _print_json(client.call("lb_metrics", {"detailed": detailed, "samples": True}))
+    else:
+        sys.stdout.write(client.call("lb_metrics", {"detailed": detailed}))
+    return 0
+
+
+def _lb_backend_cmd(cmd: str):
+    def command(args: dict, client: ControlClient) -> int:
+        _print_result(client.call(cmd, {"backend": args["<backend>"]}), args["--json"])
+        return 0
+    command.__name__ = f"cmd_{cmd}"
+    return command
+
+
+cmd_lb_drain = _lb_backend_cmd("lb_drain")
+cmd_lb_enable = _lb_backend_cmd("lb_enable")
+
+
+def cmd_lb_export(args: dict, client: ControlClient) -> int:
+    kind = "nginx" if args["nginx"] else "haproxy"
+    text = client.call("lb_export", {"kind": kind})
+    if args["--json"]:
+        _print_json({"format": kind, "config": text})
+    else:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_lb_monitor(args: dict, client: ControlClient) -> int:
+    try:
+        interval = float(args["--interval"])
+    except ValueError:
+        raise UsageError(f"--interval must be a number of seconds, got '{args['--interval']}'") from None
+    if interval <= 0:
+        raise UsageError("--interval must be more than 0 seconds")
+    count = _int_arg(args["--count"], "--count", 1) if args["--count"] is not None else None
+    view = MonitorView(interval)
+    terminal = sys.stdout.isatty() and not args["--json"]
+    colour = use_colour(sys.stdout)
+    frames = 0
+    if terminal:
+        sys.stdout.write("\x1b[?1049h\x1b[?25l")  # alternate screen, hide cursor
+    try:
+        while count is None or frames < count:
+            if frames:
+                time.sleep(interval)
+            frame = client.call("lb_monitor")
+            if args["--json"]:
+                print(json.dumps(frame, default=str))
+            elif terminal:
+                sys.stdout.write("\x1b[H\x1b[2J" + view.render(frame, colour) + "\n")
+            else:
+                sys.stdout.write(("\n" if frames else "") + view.render(frame, colour) + "\n")
+            sys.stdout.flush()
+            frames += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if terminal:
+            sys.stdout.write("\x1b[?25h\x1b[?1049l")  # show cursor, leave the alternate screen
+            sys.stdout.flush()
+    return 0
+
+
+def _dispatch(args: dict):
+    if args["lb"]:
+        for name in ("status", "health", "stats", "monitor", "config", "backends", "traffic",
+                     "metrics", "drain", "enable", "export"):
+            if args[name]:
+                return globals()[f"cmd_lb_{name}"]
+        return cmd_lb_health_check
+    for name in ("start", "validate", "list", "stop", "restart", "reload", "scale", "delete", "logs", "kill"):
+        if args[name]:
+            return globals()[f"cmd_{name}"]
+    raise AssertionError(f"docopt matched no command: {args}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = docopt(__doc__, argv=sys.argv[1:] if argv is None else argv)
+    except DocoptExit as exc:
+        print(exc, file=sys.stderr)
+        print("run `pmdaemon --help` for the commands and their options", file=sys.stderr)
+        return EXIT_USAGE
+    client = ControlClient(_home())
+    try:
+        return _dispatch(args)(args, client)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except CommandFailed as exc:
+        _error(str(exc))
+        return exc.exit
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `pmdaemon lb metrics | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Shared fixtures for tests that run pmdaemon for real.
+
+Every test gets its own PMDAEMON_HOME under tmp_path, so tests run in parallel with each other and
+with other developers' runs on the same machine. The fixtures:
+
+- `pmdaemon_home`: the home directory (a Path; not created until a daemon needs it).
+- `pmdaemon`: a runner, `pmdaemon("list", "--json")` runs the CLI as a subprocess with that home
+  and a timeout and returns the CompletedProcess (text stdout/stderr). `pmdaemon.json(...)` runs
+  it, asserts exit 0 and returns the parsed stdout. At teardown any daemon left in that home is
+  stopped (`pmdaemon kill`, then SIGKILL of the daemon and its descendants, by PID).
+- `foreground_daemon`: a factory, `foreground_daemon(config_path)` starts
+  `pmdaemon start <config> --no-daemon` in the background, waits until it has applied the config,
+  and returns a `ForegroundDaemon` (its Popen and home). Teardown: SIGTERM, then kill by PID.
+Plain helpers (import them: `from conftest import free_port, write_config`):
+- `write_config(directory, data)`: writes a dict as a JSON config and returns its path;
+  `http_app_config(script, name, instances, base_port)` builds one app entry.
+- `free_port()` / `free_port_range(n)`: ports nobody listens on (n consecutive ones for
+  `increment_var` apps).
+- `wait_until(predicate, timeout)`: poll until truthy or fail the test.
+- `app_script`: a small HTTP app (examples/apps/server.py once it exists) that listens on $PORT
+  and answers its instance name; `GET /health` answers 200.
+- `descendants(pid)` / `process_alive(pid)`: live (non-zombie) descendants of a process, for "nothing left behind" checks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "cli"]
+DEFAULT_TIMEOUT = 30.0
+
+# Used while examples/apps/server.py does not exist yet: the same contract, minimal.
+_FALLBACK_APP = '''\
+import os, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+NAME = os.environ.get("PMDAEMON_TEST_NAME", "app") + "-" + os.environ.get("PM2_INSTANCE_ID", "0")
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = (b"ok\\n" if self.path.startswith("/health") else NAME.encode() + b"\\n")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+
+server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+print(f"{NAME} listening on {server.server_port}", flush=True)
+print(f"{NAME} stderr line", file=sys.stderr, flush=True)
+server.serve_forever()
+'''
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports (for apps with increment_var)."""
+    for _ in range(200):
+        base = free_port()
+        if base + count < 65536 and all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def write_config(directory: Path, data: dict, name: str = "pmdaemon.json") -> Path:
+    path = Path(directory) / name
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Live descendants of `pid` (zombies excluded: they have exited, only their parent must reap them)."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    alive = []
+    for child in children:
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value (returned) or fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {message}")
+        time.sleep(interval)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants, by PID (last resort in teardown)."""
+    victims = descendants(pid)
+    if process_alive(pid):
+        victims.insert(0, psutil.Process(pid))
+    for process in victims:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def daemon_pid(home: Path) -> int | None:
+    try:
+        return int((Path(home) / "daemon.pid").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _env(home: Path, extra: dict | None = None) -> dict:
+    env = dict(os.environ, PMDAEMON_HOME=str(home), NO_COLOR="1")
+    env.update(extra or {})
+    return env
+
+
+class PmdaemonRunner:
+    """Runs the CLI against one home. Calling it returns the CompletedProcess; never raises on exit status."""
+
+    def __init__(self, home: Path):
+        self.home = home
+
+    def __call__(self, *args: str, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None,
+                 input: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(CLI + [str(arg) for arg in args], env=_env(self.home, env), cwd=REPO,
+                              capture_output=True, text=True, timeout=timeout, input=input)
+
+    def json(self, *args: str, timeout: float = DEFAULT_TIMEOUT):
+        """Run with --json, assert exit 0 and return the parsed stdout."""
+        result = self(*args, "--json", timeout=timeout)
+        assert result.returncode == 0, f"pmdaemon {' '.join(args)} exited {result.returncode}: {result.stderr}"
+        return json.loads(result.stdout)
+
+    def cleanup(self) -> None:
+        """Stop a daemon a test left running in this home, whatever state it is in."""
+        pid = daemon_pid(self.home)
+        if pid is None or not process_alive(pid):
+            return
+        try:
+            self("kill", timeout=DEFAULT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pass
+        if process_alive(pid):
+            kill_tree(pid)
+
+
+@pytest.fixture
+def pmdaemon_home(tmp_path) -> Path:
+    home = tmp_path / "home"
+    # AF_UNIX paths are limited to 107 bytes.
+    assert len(str(home / "run" / "control.sock")) < 100, f"tmp_path too long for a Unix socket: {home}"
+    return home
+
+
+@pytest.fixture
+def pmdaemon(pmdaemon_home):
+    runner = PmdaemonRunner(pmdaemon_home)
+    yield runner
+    runner.cleanup()
+
+
+@dataclass
+class ForegroundDaemon:
+    process: subprocess.Popen
+    home: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """SIGTERM and wait; SIGKILL (with its descendants) if it does not exit in time. Returns the status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.process.pid)
+                self.process.wait(5)
+        return self.process.returncode
+
+
+@pytest.fixture
+def foreground_daemon(pmdaemon_home, tmp_path):
+    """Factory: start `pmdaemon start <config> --no-daemon` and wait until the config is applied."""
+    from net.control import CommandFailed, ControlClient
+
+    started: list[ForegroundDaemon] = []
+
+    def start(config: Path, timeout: float = DEFAULT_TIMEOUT, env: dict | None = None) -> ForegroundDaemon:
+        log = open(tmp_path / f"foreground-{len(started)}.log", "w")
+        process = subprocess.Popen(CLI + ["start", str(config), "--no-daemon"], env=_env(pmdaemon_home, env),
+                                   cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        daemon = ForegroundDaemon(process, pmdaemon_home)
+        started.append(daemon)
+        client = ControlClient(pmdaemon_home, timeout=5)
+
+        def ready():
+            if process.poll() is not None:
+                output = (tmp_path / f"foreground-{len(started) - 1}.log").read_text()
+                pytest.fail(f"pmdaemon --no-daemon exited {process.returncode}:\n{output}")
+            try:
+                return client.call("ping")["ready"]
+            except CommandFailed:
+                return False
+
+        wait_until(ready, timeout, message="the foreground daemon to apply its config")
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def app_script(tmp_path) -> Path:
+    example = REPO / "examples" / "apps" / "server.py"
+    if example.exists():
+        return example
+    path = tmp_path / "tiny_app.py"
+    path.write_text(_FALLBACK_APP)
+    return path
+
+
+def http_app_config(script: Path, name: str, instances: int, base_port: int, **extra) -> dict:
+    """One app entry: `instances` copies of `script`, instance i on base_port + i (PORT)."""
+    app = {"name": name, "script": str(script), "instances": instances, "increment_var": "PORT",
+           "env": {"PORT": base_port, "PMDAEMON_TEST_NAME": name}, "min_uptime": 200, "kill_timeout": 1000}
+    app.update(extra)
+    return app
