@@ -1,45 +1,14 @@
 """HealthProbe + Listener actors against real HTTP backends on 127.0.0.1: what the loop would be told."""
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from actors.health import HealthProbe
-from actors.listener import Listener
-from actors.timers import Timers
+from actorpool import Pool
 from net.config import BackendConfig, HealthCheckConfig, ListenerConfig
 from net.snapshot import DOWN, UP
 from tinybackend import TinyBackend, free_port, wait_for
-
-
-class Pool:
-    """A Listener actor and its HealthProbe, with every snapshot the Listener publishes recorded."""
-
-    def __init__(self, listener: ListenerConfig):
-        self.snapshots = []
-        self._lock = threading.Lock()
-        self.timers = Timers()
-        self.listener = Listener.start(listener, self._record, self.timers)
-        self.probe = HealthProbe.start(listener, self.listener, None, self.timers)
-        self.listener.proxy().attach_probe(self.probe).get()
-
-    def _record(self, snapshot):
-        with self._lock:
-            self.snapshots.append(snapshot)
-
-    def states(self) -> list[str]:
-        with self._lock:
-            return [b.state for b in self.snapshots[-1].backends]
-
-    def health(self) -> list[dict]:
-        return self.probe.proxy().status().get()
-
-    def close(self):
-        self.probe.stop()
-        self.listener.stop()
-        self.timers.close()
 
 
 @pytest.fixture
