@@ -416,11 +416,11 @@ class Daemon:
 
     def _apply(self, config) -> dict:
         """Apply a config on top of whatever runs: new apps start, existing ones are left alone."""
-        rows = self._supervisor().list().get(ASK_TIMEOUT)
+        rows = self._supervisor().list().get(timeout=ASK_TIMEOUT)
         running_apps = {row["app"] for row in rows}
         before = {row["name"] for row in rows}
         self.runtime.apply(config)
-        rows = self._supervisor().list().get(ASK_TIMEOUT)
+        rows = self._supervisor().list().get(timeout=ASK_TIMEOUT)
         return {
             "config": config.source,
             "started": [row["name"] for row in rows if row["name"] not in before],
@@ -434,13 +434,19 @@ class Daemon:
         return load_config(path)
 
     def _cmd_list(self, _args: dict) -> list:
-        return self._supervisor().list().get(ASK_TIMEOUT)
+        return self._supervisor().list().get(timeout=ASK_TIMEOUT)
 
     def _target_command(self, verb: str, args: dict) -> list:
+        """stop/restart/delete, answered once the instances have settled (PM2 waits the same way)."""
+        from actors.supervisor import UnknownTarget
+
         target = _arg_str(args, "target")
-        names = getattr(self._supervisor(), verb)(target).get(ASK_TIMEOUT)
-        if not names and target != "all":
-            raise CommandFailed(f"no app or instance named '{target}'; `pmdaemon list` shows what runs")
+        supervisor = self._supervisor()
+        try:
+            names = getattr(supervisor, verb)(target).get(timeout=ASK_TIMEOUT)
+        except UnknownTarget as exc:
+            raise CommandFailed(f"{exc}; `pmdaemon list` shows the apps and instances") from None
+        supervisor.settled(names).get(timeout=ASK_TIMEOUT).get(timeout=ASK_TIMEOUT)
         return names
 
     def _cmd_stop(self, args: dict) -> list:
@@ -453,12 +459,14 @@ class Daemon:
         return self._target_command("delete", args)
 
     def _cmd_logs(self, args: dict) -> dict:
+        from actors.supervisor import UnknownTarget
+
         app = _arg_str(args, "app")
         lines = _arg_int(args, "lines", minimum=0)
-        logs = self._supervisor().logs(app, lines).get(ASK_TIMEOUT)
-        if not logs:
-            raise CommandFailed(f"no app or instance named '{app}'; `pmdaemon list` shows what runs")
-        return logs
+        try:
+            return self._supervisor().logs(app, lines).get(timeout=ASK_TIMEOUT)
+        except UnknownTarget as exc:
+            raise CommandFailed(f"{exc}; `pmdaemon list` shows the apps and instances") from None
 
     def _cmd_reload(self, args: dict) -> object:
         return self._runtime_call("reload_app", _arg_str(args, "target"))
@@ -496,7 +504,7 @@ class Daemon:
         return frame
 
     def _kill(self) -> dict:
-        rows = self._supervisor().list().get(ASK_TIMEOUT) if self.runtime is not None else []
+        rows = self._supervisor().list().get(timeout=ASK_TIMEOUT) if self.runtime is not None else []
         return {"pid": os.getpid(), "instances": [row["name"] for row in rows]}
 
 
