@@ -1,0 +1,650 @@
+"""ProcessSupervisor: runs every app instance as its own process group and keeps it running (PM2's job).
+
+Theory of operation
+-------------------
+Each instance (`<app>-<i>`) is a record owned by the actor thread: its `InstanceSpec`, its status,
+its current process, what the operator wants of it (`goal`: run, stop or remove) and its restart
+history (actors/restartpolicy.py). Statuses:
+
+  launching        being spawned; becomes online as soon as the spawn succeeds
+  online           its process runs. Like PM2, an instance is online from a successful spawn,
+                   whether or not it listens yet; `min_uptime` only decides whether a crash counts
+                   as unstable (the balancer waits for the port or the health check anyway).
+  stopping         SIGTERM went to its process group; SIGKILL follows after `kill_timeout`
+  stopped          no process, on request (or after an exit with `autorestart: false`)
+  waiting restart  crashed; `restart_delay` or the exponential backoff is running
+  errored          not restarted: `max_restarts` unstable restarts, its port already in use, or a
+                   spawn failure (missing interpreter); `list()` says why in `error`
+
+The actor never blocks on a process (except `stop_all()`, which is for shutdown). The watcher thread
+(actors/procwatch.py) tells it `_ChildExited` the moment a process exits, and its timers tell it
+`_RestartDue`, `_KillDue` and `_SampleTick`. Each message carries the spawn generation, so a late
+message about an older process of the instance is ignored.
+
+When a process exits, whatever is left of its process group and of its known descendants is
+killed and reaped first (no grandchild outlives its instance or keeps the port the next spawn
+needs). Then: goal remove -> the record is dropped (InstanceEvent removed=True); goal stop ->
+stopped; a requested restart -> spawned again at once; otherwise it was a crash and the restart
+rules decide: restart (now or after a delay), errored, or stopped.
+
+Every status change is told to each subscriber as an `InstanceEvent`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import pykka
+
+from actors.messages import InstanceEvent
+from actors.procwatch import ProcessWatcher, TimerHandle, kill_and_reap
+from actors.restartpolicy import ERRORED as VERDICT_ERRORED
+from actors.restartpolicy import RESTART, RestartHistory, RestartRules
+from net.config import AppConfig, InstanceSpec
+
+LAUNCHING = "launching"
+ONLINE = "online"
+STOPPING = "stopping"
+STOPPED = "stopped"
+WAITING_RESTART = "waiting restart"
+ERRORED = "errored"
+
+RUN, STOP, REMOVE = "run", "stop", "remove"  # what the operator wants of an instance
+
+
+class UnknownTarget(LookupError):
+    """No app or instance has the name given to stop/restart/delete/logs/scale."""
+
+
+def instance_spec(app: AppConfig, index: int) -> InstanceSpec:
+    """Instance `index` of `app`: the config loader's spec when it made one, else derived the same way.
+
+    Scaling up needs specs the loader never made; they copy instance 0's argv, cwd and env and set
+    the per-instance variables (decisions.md section 2).
+    """
+    if index < len(app.instance_specs):
+        return app.instance_specs[index]
+    if app.instance_specs:
+        template = app.instance_specs[0]
+        argv, cwd, env = template.argv, template.cwd, dict(template.env)
+    else:
+        argv, cwd = (*app.interpreter, app.script, *app.args), app.cwd
+        env = {key: str(value) for key, value in app.env.items()}
+    env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(index)
+    port = None
+    if app.increment_var and app.base_port is not None:
+        port = app.base_port + index
+        env[app.increment_var] = str(port)
+    return InstanceSpec(f"{app.name}-{index}", app.name, index, tuple(argv), cwd, env, port)
+
+
+@dataclass(frozen=True)
+class _ChildExited:
+    name: str
+    generation: int
+    returncode: int
+
+
+@dataclass(frozen=True)
+class _RestartDue:
+    name: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class _KillDue:
+    name: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class _SampleTick:
+    pass
+
+
+@dataclass(eq=False)
+class _Instance:
+    spec: InstanceSpec
+    app: AppConfig
+    status: str = STOPPED
+    goal: str = RUN
+    process: subprocess.Popen | None = None
+    generation: int = 0
+    started_at: float = 0.0  # time.monotonic() of the spawn
+    restarts: int = 0
+    history: RestartHistory = RestartHistory()
+    restart_requested: bool = False  # the running process is being stopped to be spawned again
+    error: str | None = None
+    timer: TimerHandle | None = None  # the pending restart or SIGKILL
+    tree: dict[int, psutil.Process] = field(default_factory=dict)  # last seen process tree, by pid
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class ProcessSupervisor(pykka.ThreadingActor):
+    """Spawns, watches, restarts and stops the instances of the configured apps.
+
+    Logs go to `<home>/logs/<instance>-out.log` and `-error.log`, appended across restarts.
+    `sample_interval` is how often the process trees are sampled for `max_memory_restart`.
+    """
+
+    def __init__(self, home: Path, sample_interval: float = 5.0):
+        super().__init__()
+        self._logs = Path(home) / "logs"
+        self._sample_interval = sample_interval
+        self._apps: dict[str, AppConfig] = {}
+        self._instances: dict[str, _Instance] = {}
+        self._subscribers: list[pykka.ActorRef] = []
+        self._settle_waiters: list[tuple[frozenset[str], pykka.ThreadingFuture]] = []
+        self._watcher = ProcessWatcher()
+
+    # -- actor lifecycle ------------------------------------------------------------------------
+
+    def on_start(self) -> None:
+        self._logs.mkdir(parents=True, exist_ok=True)
+        self._watcher.start()
+        self._watcher.call_later(self._sample_interval, lambda: self._tell_self(_SampleTick()))
+
+    def on_stop(self) -> None:
+        self._shutdown()
+
+    def on_failure(self, exception_type, exception_value, traceback) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            self.stop_all()
+        finally:
+            self._watcher.close()
+
+    # -- public API (through .proxy()) ----------------------------------------------------------
+
+    def start_app(self, app: AppConfig) -> list[str]:
+        """Start `app`'s instances; returns the names started.
+
+        An app with a running instance is left alone, except that its stopped or errored instances
+        start again. Otherwise the app (re)starts whole with this config.
+        """
+        mine = self._of_app(app.name)
+        if any(i.goal == RUN and i.status not in (STOPPED, ERRORED) for i in mine):
+            idle = [i for i in mine if i.goal == RUN and i.status in (STOPPED, ERRORED)]
+            for instance in idle:
+                self._start_fresh(instance)
+            return [i.name for i in idle]
+        self._apps[app.name] = app
+        started = [self._launch_index(app, index).name for index in range(app.instances)]
+        for instance in mine:
+            if instance.spec.index >= app.instances and instance.goal != REMOVE:
+                self._request_stop(instance, REMOVE)
+        return started
+
+    def stop(self, target: str) -> list[str]:
+        """Stop an app, an instance or "all": SIGTERM to each process group now, SIGKILL after kill_timeout.
+
+        Returns at once with the names; the instances are `stopping` until their processes are
+        gone (see `settled()`).
+        """
+        selected = self._select(target)
+        for instance in selected:
+            self._request_stop(instance, REMOVE if instance.goal == REMOVE else STOP)
+        return [i.name for i in selected]
+
+    def restart(self, target: str) -> list[str]:
+        """Restart an app, an instance or "all" (stopped and errored ones start again); counted."""
+        selected = self._select(target)
+        for instance in selected:
+            self._request_restart(instance)
+        return [i.name for i in selected]
+
+    def restart_instance(self, name: str) -> bool:
+        """Restart one instance (health checks, memory limit); False if there is no such instance."""
+        instance = self._instances.get(name)
+        if instance is None or instance.goal == REMOVE:
+            return False
+        self._request_restart(instance)
+        return True
+
+    def delete(self, target: str) -> list[str]:
+        """Stop and forget an app, an instance or "all"; each removal is told as InstanceEvent(removed=True)."""
+        selected = self._select(target)
+        if target == "all":
+            self._apps.clear()
+        else:
+            self._apps.pop(target, None)
+        for instance in selected:
+            self._request_stop(instance, REMOVE)
+        return [i.name for i in selected]
+
+    def scale(self, app: str, count: int) -> dict:
+        """Run `count` instances of `app`: new ones get the next increment_var ports; the highest-numbered go first."""
+        if app not in self._apps:
+            raise UnknownTarget(f"no app named {app!r}")
+        if count < 0:
+            raise ValueError(f"cannot scale {app!r} to {count} instances")
+        config = self._apps[app] = replace(self._apps[app], instances=count)
+        live = sorted((i for i in self._of_app(app) if i.goal != REMOVE), key=lambda i: i.spec.index)
+        removed = [i.name for i in live[count:][::-1]]
+        for name in removed:
+            self._request_stop(self._instances[name], REMOVE)
+        taken = {i.spec.index for i in live}
+        added, index = [], 0
+        while len(taken) + len(added) < count:
+            if index not in taken:
+                added.append(self._launch_index(config, index).name)
+            index += 1
+        return {"app": app, "instances": count, "added": added, "removed": removed}
+
+    def stop_all(self) -> list[str]:
+        """Stop every instance and wait until their processes are gone (at most the longest kill_timeout + 1 s)."""
+        instances = self._ordered()
+        for instance in instances:
+            if instance.goal == RUN:
+                instance.goal = STOP
+            instance.restart_requested = False
+            instance.cancel_timer()
+            if instance.process is not None and instance.status != STOPPING:
+                self._terminate(instance)
+        running = [i for i in instances if i.process is not None]
+        deadline = time.monotonic() + max((i.app.kill_timeout for i in running), default=0.0)
+        for instance in running:
+            if not self._wait_process(instance.process, deadline):
+                self._signal_group(instance, signal.SIGKILL)
+        for instance in running:
+            self._wait_process(instance.process, time.monotonic() + 1.0)
+            self._process_gone(instance)
+        for instance in instances:
+            if instance.process is None and instance.goal == STOP and instance.status != STOPPED:
+                self._set_status(instance, STOPPED)
+        return [i.name for i in instances]
+
+    def list(self) -> list[dict]:
+        """One row per instance: name, app, status, pid, port, uptime (s), restarts, cpu (%), memory (bytes), error."""
+        rows = []
+        for instance in self._ordered():
+            processes = self._sample_tree(instance)
+            cpu, memory = 0.0, 0
+            for process in processes:
+                try:
+                    cpu += process.cpu_percent(None)
+                    memory += process.memory_info().rss
+                except psutil.Error:
+                    pass
+            running = instance.process is not None
+            rows.append({
+                "name": instance.name,
+                "app": instance.spec.app,
+                "index": instance.spec.index,
+                "status": instance.status,
+                "pid": instance.process.pid if running else None,
+                "port": instance.spec.port,
+                "uptime": round(time.monotonic() - instance.started_at, 3) if running else 0.0,
+                "restarts": instance.restarts,
+                "cpu": round(cpu, 1),
+                "memory": memory,
+                "error": instance.error,
+            })
+        return rows
+
+    def logs(self, app: str, lines: int = 15) -> dict[str, dict]:
+        """The last `lines` lines of each selected instance's logs: {instance: {out, err, out_path, err_path}}."""
+        result = {}
+        for instance in self._select(app):
+            out_path, err_path = self._log_paths(instance.spec)
+            result[instance.name] = {"out": _tail(out_path, lines), "err": _tail(err_path, lines),
+                                     "out_path": str(out_path), "err_path": str(err_path)}
+        return result
+
+    def subscribe(self, actor_ref: pykka.ActorRef) -> None:
+        """Tell `actor_ref` an InstanceEvent now for every instance, then on every status change."""
+        self._subscribers.append(actor_ref)
+        for instance in self._ordered():
+            self._notify(instance, only=actor_ref)
+
+    def settled(self, names: list[str]) -> pykka.ThreadingFuture:
+        """A future set (to `list()` rows of those still present) once none of `names` is stopping or launching.
+
+        stop/restart/delete return at once; a caller that wants PM2's "wait until done" does
+        `proxy.settled(names).get().get(timeout)`.
+        """
+        future = pykka.ThreadingFuture()
+        self._settle_waiters.append((frozenset(names), future))
+        self._resolve_settled()
+        return future
+
+    def pids(self, name: str) -> list[int]:
+        """The pids of an instance's process tree (leader first); [] when it is not running."""
+        instance = self._instances.get(name)
+        return [p.pid for p in self._sample_tree(instance)] if instance else []
+
+    def app_names(self) -> list[str]:
+        return list(self._apps)
+
+    # -- messages from the watcher thread -------------------------------------------------------
+
+    def on_receive(self, message: object) -> None:
+        if isinstance(message, _ChildExited):
+            self._on_child_exited(message)
+        elif isinstance(message, _RestartDue):
+            instance = self._current(message.name, message.generation)
+            if instance is not None and instance.status == WAITING_RESTART:
+                instance.timer = None
+                self._spawn(instance, counted=True)
+        elif isinstance(message, _KillDue):
+            instance = self._current(message.name, message.generation)
+            if instance is not None and instance.process is not None:
+                instance.timer = None
+                self._note(instance, f"still running {instance.app.kill_timeout:g} s after SIGTERM: SIGKILL")
+                self._sample_tree(instance)
+                self._signal_group(instance, signal.SIGKILL)
+                kill_and_reap(p for p in instance.tree.values() if p.pid != instance.process.pid)
+        elif isinstance(message, _SampleTick):
+            self._enforce_memory_limits()
+            self._watcher.call_later(self._sample_interval, lambda: self._tell_self(_SampleTick()))
+
+    def _on_child_exited(self, message: _ChildExited) -> None:
+        instance = self._current(message.name, message.generation)
+        if instance is None or instance.process is None:
+            return  # already handled by stop_all()
+        uptime = time.monotonic() - instance.started_at
+        self._process_gone(instance)
+        if instance.goal != RUN:
+            return
+        if instance.restart_requested:
+            instance.restart_requested = False
+            self._spawn(instance, counted=True)
+            return
+        verdict, instance.history = instance.history.after_crash(RestartRules.of(instance.app), uptime)
+        if verdict.action == RESTART:
+            if verdict.delay > 0:
+                self._set_status(instance, WAITING_RESTART)
+                generation = instance.generation
+                instance.timer = self._watcher.call_later(
+                    verdict.delay, lambda: self._tell_self(_RestartDue(instance.name, generation)))
+            else:
+                self._spawn(instance, counted=True)
+        elif verdict.action == VERDICT_ERRORED:
+            instance.error = f"exited with code {message.returncode}; {verdict.reason}"
+            self._note(instance, instance.error)
+            self._set_status(instance, ERRORED)
+        else:
+            self._set_status(instance, STOPPED)
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    def _launch_index(self, app: AppConfig, index: int) -> _Instance:
+        """Create (or revive a being-removed) instance `index` of `app` and start it."""
+        spec = instance_spec(app, index)
+        instance = self._instances.get(spec.name)
+        if instance is None:
+            instance = self._instances[spec.name] = _Instance(spec, app)
+        instance.spec, instance.app, instance.goal = spec, app, RUN
+        if instance.process is None:
+            self._start_fresh(instance)
+        else:  # its previous process is still being stopped: spawn again when it is gone
+            instance.restart_requested = True
+        return instance
+
+    def _start_fresh(self, instance: _Instance) -> None:
+        instance.history = RestartHistory()
+        instance.cancel_timer()
+        self._spawn(instance, counted=False)
+
+    def _request_restart(self, instance: _Instance) -> None:
+        instance.goal = RUN
+        if instance.process is not None:
+            instance.restart_requested = True
+            if instance.status != STOPPING:
+                self._terminate(instance)
+        elif instance.status == WAITING_RESTART:
+            instance.cancel_timer()
+            self._spawn(instance, counted=True)
+        else:
+            instance.history = RestartHistory()
+            self._spawn(instance, counted=True)
+
+    def _request_stop(self, instance: _Instance, goal: str) -> None:
+        instance.goal = goal
+        instance.restart_requested = False
+        instance.cancel_timer()
+        if instance.process is not None:
+            if instance.status != STOPPING:
+                self._terminate(instance)
+        elif goal == REMOVE:
+            self._drop(instance)
+        else:
+            self._set_status(instance, STOPPED)
+
+    def _spawn(self, instance: _Instance, counted: bool) -> None:
+        spec = instance.spec
+        instance.error = None
+        if spec.port is not None and _port_in_use(spec.port):
+            self._fail(instance, _port_in_use_message(spec.port, spec.name))
+            return
+        self._set_status(instance, LAUNCHING)
+        out_path, err_path = self._log_paths(spec)
+        try:
+            with open(out_path, "ab") as out, open(err_path, "ab") as err:
+                process = subprocess.Popen(spec.argv, cwd=spec.cwd, env={**os.environ, **spec.env},
+                                           stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0)
+        except OSError as exc:
+            self._fail(instance, f"cannot start {' '.join(spec.argv)!r} in {spec.cwd!r}: {exc.strerror or exc}")
+            return
+        instance.process = process
+        instance.generation += 1
+        instance.started_at = time.monotonic()
+        instance.tree = {}
+        if counted:
+            instance.restarts += 1
+        generation = instance.generation
+        self._watcher.watch(process, lambda code: self._tell_self(_ChildExited(spec.name, generation, code)))
+        self._set_status(instance, ONLINE)
+
+    def _fail(self, instance: _Instance, error: str) -> None:
+        instance.error = error
+        self._note(instance, error)
+        self._set_status(instance, ERRORED)
+
+    def _terminate(self, instance: _Instance) -> None:
+        """SIGTERM the group (and descendants that left it); schedule the SIGKILL."""
+        self._sample_tree(instance)
+        self._signal_group(instance, signal.SIGTERM)
+        pgid = instance.process.pid
+        for process in instance.tree.values():
+            try:
+                if os.getpgid(process.pid) != pgid:
+                    process.terminate()
+            except (OSError, psutil.Error):
+                pass
+        self._set_status(instance, STOPPING)
+        generation = instance.generation
+        instance.timer = self._watcher.call_later(
+            instance.app.kill_timeout, lambda: self._tell_self(_KillDue(instance.name, generation)))
+
+    def _process_gone(self, instance: _Instance) -> None:
+        """The leader has exited: kill and reap what is left of its tree, then settle the goal."""
+        leader = instance.process.pid
+        leftovers = {p.pid: p for p in instance.tree.values() if p.pid != leader}
+        for process in psutil.process_iter():
+            try:
+                if process.pid != leader and os.getpgid(process.pid) == leader:
+                    leftovers.setdefault(process.pid, process)
+            except (OSError, psutil.Error):
+                pass
+        for process in list(leftovers.values()):
+            try:
+                for child in process.children(recursive=True):
+                    leftovers.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+        kill_and_reap(leftovers.values())
+        instance.process = None
+        instance.tree = {}
+        instance.cancel_timer()
+        if instance.goal == REMOVE:
+            self._drop(instance)
+        elif instance.goal == STOP:
+            self._set_status(instance, STOPPED)
+
+    def _drop(self, instance: _Instance) -> None:
+        del self._instances[instance.name]
+        instance.status = STOPPED
+        self._notify(instance, removed=True)
+        self._resolve_settled()
+
+    def _set_status(self, instance: _Instance, status: str) -> None:
+        if instance.status != status:
+            instance.status = status
+            self._notify(instance)
+        self._resolve_settled()
+
+    # -- resources ------------------------------------------------------------------------------
+
+    def _sample_tree(self, instance: _Instance) -> list[psutil.Process]:
+        """The instance's live process tree, reusing the psutil objects seen before (cpu_percent needs them)."""
+        if instance.process is None:
+            return []
+        previous = instance.tree
+        try:
+            leader = previous.get(instance.process.pid) or psutil.Process(instance.process.pid)
+            processes = [leader, *leader.children(recursive=True)]
+        except psutil.Error:
+            return []
+        instance.tree = {p.pid: previous.get(p.pid, p) for p in processes}
+        return list(instance.tree.values())
+
+    def _enforce_memory_limits(self) -> None:
+        for instance in self._ordered():
+            limit = instance.app.max_memory_restart
+            if instance.status != ONLINE or not limit:
+                continue
+            memory = 0
+            for process in self._sample_tree(instance):
+                try:
+                    memory += process.memory_info().rss
+                except psutil.Error:
+                    pass
+            if memory > limit:
+                self._note(instance, f"memory {memory} bytes over max_memory_restart {limit} bytes: restarting")
+                self._request_restart(instance)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _signal_group(self, instance: _Instance, signum: int) -> None:
+        try:
+            os.killpg(instance.process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is already empty
+
+    @staticmethod
+    def _wait_process(process: subprocess.Popen, deadline: float) -> bool:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def _select(self, target: str) -> list[_Instance]:
+        ordered = self._ordered()
+        if target == "all":
+            return ordered
+        selected = [i for i in ordered if i.spec.app == target] or [i for i in ordered if i.name == target]
+        if not selected:
+            raise UnknownTarget(f"no app or instance named {target!r}")
+        return selected
+
+    def _of_app(self, app: str) -> list[_Instance]:
+        return [i for i in self._instances.values() if i.spec.app == app]
+
+    def _ordered(self) -> list[_Instance]:
+        apps = {name: rank for rank, name in enumerate(self._apps)}
+        return sorted(self._instances.values(), key=lambda i: (apps.get(i.spec.app, len(apps)), i.spec.app, i.spec.index))
+
+    def _current(self, name: str, generation: int) -> _Instance | None:
+        instance = self._instances.get(name)
+        return instance if instance is not None and instance.generation == generation else None
+
+    def _log_paths(self, spec: InstanceSpec) -> tuple[Path, Path]:
+        return self._logs / f"{spec.name}-out.log", self._logs / f"{spec.name}-error.log"
+
+    def _note(self, instance: _Instance, text: str) -> None:
+        """Append a supervisor line to the instance's error log, where its operator looks first."""
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        with open(self._log_paths(instance.spec)[1], "a", encoding="utf-8") as err:
+            err.write(f"[pmdaemon {stamp}] {instance.name}: {text}\n")
+
+    def _notify(self, instance: _Instance, removed: bool = False, only: pykka.ActorRef | None = None) -> None:
+        event = InstanceEvent(instance.name, instance.spec.app, instance.status,
+                              instance.process.pid if instance.process else None, instance.spec.port, removed)
+        for subscriber in [only] if only else list(self._subscribers):
+            try:
+                subscriber.tell(event)
+            except pykka.ActorDeadError:
+                self._subscribers.remove(subscriber)
+
+    def _resolve_settled(self) -> None:
+        if not self._settle_waiters:
+            return
+        busy = {i.name for i in self._instances.values()
+                if i.status in (STOPPING, LAUNCHING) or i.restart_requested}
+        for waiter in list(self._settle_waiters):
+            names, future = waiter
+            if not names & busy:
+                self._settle_waiters.remove(waiter)
+                future.set([row for row in self.list() if row["name"] in names])
+
+    def _tell_self(self, message: object) -> None:
+        """From the watcher thread: hand the event to the actor thread (dropped once the actor stopped)."""
+        try:
+            self.actor_ref.tell(message)
+        except pykka.ActorDeadError:
+            pass
+
+
+def _port_in_use(port: int) -> bool:
+    """Is something already accepting connections on 127.0.0.1:port? (a refused connect means free)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) != errno.ECONNREFUSED
+
+
+def _port_in_use_message(port: int, name: str) -> str:
+    holder = ""
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                holder = f" by pid {conn.pid} ({psutil.Process(conn.pid).name()})"
+                break
+    except psutil.Error:
+        pass
+    return f"port {port} is already in use{holder}; {name} not started (free the port, then restart it)"
+
+
+def _tail(path: Path, lines: int) -> str:
+    """The last `lines` lines of a file, read backwards in blocks (log files grow without bound)."""
+    if lines <= 0 or not path.exists():
+        return ""
+    with open(path, "rb") as log_file:
+        position = log_file.seek(0, os.SEEK_END)
+        data = b""
+        while position > 0 and data.count(b"\n") <= lines:
+            step = min(65536, position)
+            position -= step
+            log_file.seek(position)
+            data = log_file.read(step) + data
+    kept = data.decode("utf-8", errors="replace").splitlines(keepends=True)[-lines:]
+    return "".join(kept)
