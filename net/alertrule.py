@@ -24,7 +24,7 @@ METRICS = PERCENT_METRICS + TIME_METRICS + COUNT_METRICS
 OPERATORS = ("<=", ">=", "==", "!=", "<", ">")
 
 _CONDITION = re.compile(
-    r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>[<>=!]=?)\s*"
+    r"^\s*(?P<metric>[A-Za-z_][A-Za-z0-9_]*)\s*(?P<op>[<>=!]{1,2})\s*"
     r"(?P<number>-?(?:\d+(?:\.\d+)?|\.\d+))\s*(?P<unit>%|ms|s)?\s*$"
 )
 

@@ -1095,15 +1095,17 @@ def _merge_pool_wide_options(obj: _Obj, listener: ListenerConfig, members: list[
             mine = app.balancing_given[key]
             here = f"{app.path}.load_balancer.{key}"
             if source is None:
-                source, value = here, mine
+                source, value = f"app '{app.config.name}' ({here})", mine
             elif mine != value:
-                raise ConfigError(here, f"{_show_option(key, mine)} conflicts with {_show_option(key, value)} "
-                                        f"set by {source}; apps balanced by one listener share one {key}")
+                raise ConfigError(here, f"app '{app.config.name}' asks for {_show_option(key, mine)} but "
+                                        f"{source} asks for {_show_option(key, value)}; apps balanced by one "
+                                        f"listener share one {key}")
         if source is not None and not obj.has(key):
             changes[field_name] = value
-    if listener.strategy == "performance_based" and not listener.metrics_weights and "metrics_weights" not in changes:
-        changes["metrics_weights"] = dict(DEFAULT_PERFORMANCE_WEIGHTS)
-    return replace(listener, **changes) if changes else listener
+    listener = replace(listener, **changes)
+    if listener.strategy == "performance_based" and not listener.metrics_weights:
+        listener = replace(listener, metrics_weights=dict(DEFAULT_PERFORMANCE_WEIGHTS))
+    return listener
 
 
 def _show_option(key: str, value: object) -> str:
@@ -1144,6 +1146,10 @@ def _check_ports_distinct(obj: _Obj, listener: ListenerConfig, apps: list[_App])
             if spec.port == listener.port:
                 raise obj.error("port", f"port {listener.port} is also the port of instance {spec.name}; "
                                         "give the load balancer its own port")
+    for backend in listener.backends:
+        if backend.port == listener.port and ipaddress.ip_address(backend.host).is_loopback:
+            raise obj.error("port", f"port {listener.port} is also the backend {backend.address}; "
+                                    "the load balancer would send traffic to itself")
     prometheus = listener.monitoring.prometheus
     if prometheus is not None and prometheus.port == listener.port:
         raise ConfigError(obj.at("monitoring.export.prometheus"),
