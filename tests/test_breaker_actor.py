@@ -11,7 +11,8 @@ from actors.messages import BackendOutcomes
 from net.config import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
 from net.snapshot import HALF_OPEN, OPEN, UP, Outcome
 from actorpool import Pool
-from tinybackend import TinyBackend, free_port, wait_for
+from conftest import free_port, wait_until
+from tinybackend import TinyBackend
 
 CHECK = HealthCheckConfig(interval=0.2, timeout=1.0)
 
@@ -31,7 +32,7 @@ def breaker_pool():
                                              half_open_requests=2))
     pool = Pool(listener)
     breaker = CircuitBreaker.start(listener, pool.listener, pool.timers)
-    wait_for(lambda: pool.states() == [UP, UP], what="both backends up")
+    wait_until(lambda: pool.states() == [UP, UP], message="both backends up")
     yield pool, breaker
     breaker.stop()
     pool.close()
@@ -45,23 +46,23 @@ def test_opens_after_threshold_consecutive_failures_and_half_opens_after_recover
     time.sleep(0.1)
     assert pool.states() == [UP, UP]  # two failures: below the threshold of three
     breaker.tell(BackendOutcomes((outcome(0, 504, "timeout"),)))
-    wait_for(lambda: pool.states() == [OPEN, UP], timeout=0.5, what="breaker open")
+    wait_until(lambda: pool.states() == [OPEN, UP], timeout=0.5, message="breaker open")
     opened_at = time.monotonic()
-    wait_for(lambda: pool.states() == [HALF_OPEN, UP], timeout=2, what="breaker half-open")
+    wait_until(lambda: pool.states() == [HALF_OPEN, UP], timeout=2, message="breaker half-open")
     assert time.monotonic() - opened_at >= 0.4
     assert pool.snapshots[-1].backends[0].half_open_slots == 2
     breaker.tell(BackendOutcomes((outcome(0), outcome(0))))  # both trials succeed
-    wait_for(lambda: pool.states() == [UP, UP], timeout=0.5, what="breaker closed")
+    wait_until(lambda: pool.states() == [UP, UP], timeout=0.5, message="breaker closed")
 
 
 def test_a_failed_trial_reopens_and_restarts_the_timer(breaker_pool):
     pool, breaker = breaker_pool
     breaker.tell(BackendOutcomes(tuple(outcome(1, 503) for _ in range(3))))
-    wait_for(lambda: pool.states() == [UP, OPEN], timeout=0.5, what="breaker open")
-    wait_for(lambda: pool.states() == [UP, HALF_OPEN], timeout=2, what="breaker half-open")
+    wait_until(lambda: pool.states() == [UP, OPEN], timeout=0.5, message="breaker open")
+    wait_until(lambda: pool.states() == [UP, HALF_OPEN], timeout=2, message="breaker half-open")
     breaker.tell(BackendOutcomes((outcome(1, 0, "reset"),)))
-    wait_for(lambda: pool.states() == [UP, OPEN], timeout=0.5, what="breaker open again")
-    wait_for(lambda: pool.states() == [UP, HALF_OPEN], timeout=2, what="breaker half-open again")
+    wait_until(lambda: pool.states() == [UP, OPEN], timeout=0.5, message="breaker open again")
+    wait_until(lambda: pool.states() == [UP, HALF_OPEN], timeout=2, message="breaker half-open again")
 
 
 def test_responses_the_balancer_made_never_count(breaker_pool):
