@@ -1,0 +1,262 @@
+"""The data plane: one thread, one selector (epoll), every client and backend socket.
+
+Other threads talk to the loop only through `add_listener`, `remove_listener`, `publish` and `stop`:
+each puts a call on a queue and writes one byte to a wake-up socketpair (trio's
+`_wakeup_socketpair` trick), so the loop never takes a lock on its hot path and never waits on an
+actor. The loop talks back only through `on_report(LoopReport)`, at most every 50 ms, with the
+outcomes collected since the last report and the current gauges.
+
+One loop turn: select -> dispatch each ready channel's `on_readable`/`on_writable` -> run calls
+deferred with `call_soon` -> fire due timers from one heap -> maybe report. `now` is read once per
+turn; handlers use `loop.now`.
+"""
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import itertools
+import queue
+import selectors
+import socket
+import time
+from typing import Callable
+
+from actors.messages import LoopReport
+from net.config import ListenerConfig
+from net.proxy import HttpListener
+from net.snapshot import Outcome, PoolSnapshot
+
+REPORT_INTERVAL = 0.05
+LISTEN_BACKLOG = 1024
+
+
+class _Timer:
+    """A one-off `call_later` callback in the loop's heap."""
+
+    __slots__ = ("fn", "args", "cancelled")
+
+    def __init__(self, fn, args):
+        self.fn, self.args, self.cancelled = fn, args, False
+
+    def fire_timer(self, _seq: int, _now: float) -> None:
+        if not self.cancelled:
+            self.fn(*self.args)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Waker:
+    """Read end of the wake-up socketpair, registered like a channel."""
+
+    closed = False
+
+    def __init__(self, loop: "IOLoop", sock: socket.socket):
+        self.loop, self.sock = loop, sock
+
+    def on_readable(self) -> None:
+        try:
+            while self.sock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.loop.run_calls()
+
+
+def resolve_host(host: str) -> str:
+    """An IP literal for `host`; names are resolved here, in the calling thread, never in the loop."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+
+
+class IOLoop:
+    def __init__(self, on_report: Callable[[LoopReport], None], strategy_factory: Callable | None = None):
+        """`strategy_factory(listener_cfg) -> Strategy`; defaults to net.strategies.make_strategy."""
+        self.on_report = on_report
+        if strategy_factory is None:
+            from net.strategies import make_strategy as strategy_factory
+        self._strategy_factory = strategy_factory
+        self.selector = selectors.DefaultSelector()
+        self.now = time.monotonic()
+        self.listeners: dict[int, HttpListener] = {}
+        self.outcomes: list[Outcome] = []
+        self.active: dict[tuple[int, int], int] = {}
+        self.client_connections: dict[int, int] = {}
+        self.gauges_changed = False
+        self._timers: list = []
+        self._seq = itertools.count()
+        self._soon: list = []
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._running = False
+        self._stopping = False
+        self._last_report = 0.0
+        self._bound: dict[int, tuple] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._waker = _Waker(self, self._wake_r)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._waker)
+
+    # ---- thread-safe API -------------------------------------------------------------------
+    def add_listener(self, cfg: ListenerConfig) -> None:
+        """Bind now (in the caller's thread; OSError if the port is taken); the loop then accepts."""
+        if cfg.type != "http":
+            raise ValueError(f"listener {cfg.name}: this loop proxies HTTP only (type {cfg.type!r} is not handled yet)")
+        if cfg.ssl.enabled:
+            raise ValueError(f"listener {cfg.name}: TLS termination is not implemented yet")
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((cfg.host, cfg.port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        strategy = self._strategy_factory(cfg)
+        self._bound[cfg.index] = sock.getsockname()
+        self._call(self._install_listener, cfg, sock, strategy)
+
+    def listening_address(self, index: int) -> tuple:
+        """The bound address of a listener (useful with port 0). Thread-safe after add_listener returned."""
+        return self._bound[index]
+
+    def remove_listener(self, index: int) -> None:
+        """Stop accepting; requests in flight finish, then their connections close."""
+        self._call(self._remove_listener, index)
+
+    def publish(self, snapshot: PoolSnapshot) -> None:
+        """Hand a new backend pool to the listener's strategy (takes effect for the next request)."""
+        addresses = {b.index: (resolve_host(b.host), b.port) for b in snapshot.backends}
+        self._call(self._apply_snapshot, snapshot, addresses)
+
+    def stop(self) -> None:
+        self._call(self._request_stop)
+
+    def _call(self, fn, *args) -> None:
+        self._calls.put((fn, args))
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up byte is already pending (or the loop is gone)
+
+    # ---- loop-thread internals -------------------------------------------------------------
+    def run_calls(self) -> None:
+        while True:
+            try:
+                fn, args = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            fn(*args)
+
+    def _install_listener(self, cfg: ListenerConfig, sock: socket.socket, strategy) -> None:
+        old = self.listeners.get(cfg.index)
+        if old is not None:
+            old.stop_accepting()
+        listener = HttpListener(self, cfg, sock, strategy)
+        self.listeners[cfg.index] = listener
+        self.client_connections.setdefault(cfg.index, 0)
+        self.selector.register(sock, selectors.EVENT_READ, listener)
+
+    def _remove_listener(self, index: int) -> None:
+        listener = self.listeners.pop(index, None)
+        if listener is not None:
+            listener.stop_accepting()
+        self._bound.pop(index, None)
+
+    def _apply_snapshot(self, snapshot: PoolSnapshot, addresses: dict) -> None:
+        listener = self.listeners.get(snapshot.listener)
+        if listener is not None:
+            listener.publish(snapshot, addresses)
+
+    def _request_stop(self) -> None:
+        self._stopping = True
+
+    def schedule(self, when: float, target) -> int:
+        """Heap entry for `target.fire_timer(seq, now)` at `when`; returns seq."""
+        seq = next(self._seq)
+        heapq.heappush(self._timers, (when, seq, target))
+        return seq
+
+    def call_later(self, delay: float, fn, *args) -> _Timer:
+        timer = _Timer(fn, args)
+        self.schedule(self.now + delay, timer)
+        return timer
+
+    def call_soon(self, fn, *args) -> None:
+        """Run after the current event handler (used to avoid re-entering a handler on send errors)."""
+        self._soon.append((fn, args))
+
+    def record(self, outcome: Outcome) -> None:
+        self.outcomes.append(outcome)
+
+    def gauge_active(self, listener: int, backend: int, delta: int) -> None:
+        key = (listener, backend)
+        self.active[key] = self.active.get(key, 0) + delta
+        self.gauges_changed = True
+
+    def gauge_clients(self, listener: int, delta: int) -> None:
+        self.client_connections[listener] = self.client_connections.get(listener, 0) + delta
+        self.gauges_changed = True
+
+    def run(self) -> None:
+        """Serve until stop(). Call from the thread that owns the loop."""
+        self._running = True
+        select = self.selector.select
+        timers = self._timers
+        soon = self._soon
+        monotonic = time.monotonic
+        READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+        try:
+            self.run_calls()
+            while not self._stopping:
+                now = self.now
+                timeout = None
+                if timers:
+                    timeout = max(0.0, timers[0][0] - now)
+                if self.outcomes or self.gauges_changed:
+                    wait = max(0.0, self._last_report + REPORT_INTERVAL - now)
+                    timeout = wait if timeout is None else min(timeout, wait)
+                ready = select(timeout)
+                self.now = now = monotonic()
+                for key, mask in ready:
+                    target = key.data
+                    if mask & READ and not target.closed:
+                        target.on_readable()
+                    if mask & WRITE and not target.closed:
+                        target.on_writable()
+                    while soon:
+                        fn, args = soon.pop(0)
+                        fn(*args)
+                while timers and timers[0][0] <= now:
+                    _when, seq, target = heapq.heappop(timers)
+                    target.fire_timer(seq, now)
+                    while soon:
+                        fn, args = soon.pop(0)
+                        fn(*args)
+                if (self.outcomes or self.gauges_changed) and now - self._last_report >= REPORT_INTERVAL:
+                    self._report(now)
+        finally:
+            self._shutdown()
+
+    def _report(self, now: float) -> None:
+        self._last_report = now
+        outcomes, self.outcomes = tuple(self.outcomes), []
+        self.gauges_changed = False
+        active = {k: v for k, v in self.active.items() if v}
+        self.on_report(LoopReport(outcomes, active, dict(self.client_connections)))
+
+    def _shutdown(self) -> None:
+        for listener in list(self.listeners.values()):
+            listener.stop_accepting()
+            listener.close_all()
+        self.listeners.clear()
+        if self.outcomes or self.gauges_changed:
+            self._report(time.monotonic())
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
