@@ -49,6 +49,7 @@ from actors.procwatch import ProcessWatcher, TimerHandle, kill_and_reap
 from actors.restartpolicy import ERRORED as VERDICT_ERRORED
 from actors.restartpolicy import RESTART, RestartHistory, RestartRules
 from net.config import AppConfig, InstanceSpec
+from net.configfile import instance_spec
 
 LAUNCHING = "launching"
 ONLINE = "online"
@@ -64,26 +65,9 @@ class UnknownTarget(LookupError):
     """No app or instance has the name given to stop/restart/delete/logs/scale."""
 
 
-def instance_spec(app: AppConfig, index: int) -> InstanceSpec:
-    """Instance `index` of `app`: the config loader's spec when it made one, else derived the same way.
-
-    Scaling up needs specs the loader never made; they copy instance 0's argv, cwd and env and set
-    the per-instance variables (decisions.md section 2).
-    """
-    if index < len(app.instance_specs):
-        return app.instance_specs[index]
-    if app.instance_specs:
-        template = app.instance_specs[0]
-        argv, cwd, env = template.argv, template.cwd, dict(template.env)
-    else:
-        argv, cwd = (*app.interpreter, app.script, *app.args), app.cwd
-        env = {key: str(value) for key, value in app.env.items()}
-    env["PM2_INSTANCE_ID"] = env["NODE_APP_INSTANCE"] = str(index)
-    port = None
-    if app.increment_var and app.base_port is not None:
-        port = app.base_port + index
-        env[app.increment_var] = str(port)
-    return InstanceSpec(f"{app.name}-{index}", app.name, index, tuple(argv), cwd, env, port)
+def _spec(app: AppConfig, index: int) -> InstanceSpec:
+    """Instance `index` of `app`: the loader's spec, or one made the loader's way (scaling up)."""
+    return app.instance_specs[index] if index < len(app.instance_specs) else instance_spec(app, index)
 
 
 @dataclass(frozen=True)
@@ -388,7 +372,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
 
     def _launch_index(self, app: AppConfig, index: int) -> _Instance:
         """Create (or revive a being-removed) instance `index` of `app` and start it."""
-        spec = instance_spec(app, index)
+        spec = _spec(app, index)
         instance = self._instances.get(spec.name)
         if instance is None:
             instance = self._instances[spec.name] = _Instance(spec, app)
@@ -439,7 +423,8 @@ class ProcessSupervisor(pykka.ThreadingActor):
         out_path, err_path = self._log_paths(spec)
         try:
             with open(out_path, "ab") as out, open(err_path, "ab") as err:
-                process = subprocess.Popen(spec.argv, cwd=spec.cwd, env={**os.environ, **spec.env},
+                env = {**os.environ, **{key: str(value) for key, value in spec.env.items()}}  # numbers allowed
+                process = subprocess.Popen(spec.argv, cwd=spec.cwd, env=env,
                                            stdin=subprocess.DEVNULL, stdout=out, stderr=err, process_group=0)
         except OSError as exc:
             self._fail(instance, f"cannot start {' '.join(spec.argv)!r} in {spec.cwd!r}: {exc.strerror or exc}")
