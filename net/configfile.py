@@ -17,13 +17,15 @@ Then the cross-references are resolved (decisions.md section 3):
 4. pool-wide options an app's `load_balancer` block may set (strategy, hash_key, ...) become the
    listener's unless the listener sets them; two sources naming different values are an error.
 
-`effective_config(cfg)` is the reverse view: the merged config with every default filled in and
-durations written with their units, for `pmdaemon lb config`.
+`effective_config(cfg)` (written in `net/configview.py`, re-exported here) is the reverse view: the
+merged config with every default filled in and durations written with their units, for
+`pmdaemon lb config`. `instance_spec(app, i)` builds instance i, also for `scale` beyond the config.
 """
 from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import math
 import os
 import re
@@ -64,6 +66,7 @@ from net.config import (
     SslConfig,
     Timeouts,
 )
+from net.configview import effective_config  # noqa: F401  (re-exported: part of this module's API)
 
 TOP_KEYS = ("apps", "load_balancer")
 APP_KEYS = (
@@ -90,6 +93,10 @@ LISTENER_KEYS = (
     "geo", "geo_database", "region_header", "trusted_proxies", "metrics", "update_interval",
     "quarantine_duration", "exclude_unhealthy",
 )
+RATE_LIMITING_KEYS = ("enabled", "requests_per_second", "burst_size", "per_ip_limit")
+BREAKER_KEYS = ("enabled", "failure_threshold", "recovery_timeout", "half_open_requests")
+CONNECTION_POOL_KEYS = ("enabled", "max_connections", "idle_timeout", "keep_alive")
+RULE_KEYS = ("name", "condition", "duration", "action", "url", "recipients")
 MONITORING_SWITCHES = ("requests_per_second", "response_times", "error_rates", "backend_health", "connection_counts")
 SUPPORTED_TLS = ("TLSv1.2", "TLSv1.3")
 OBSOLETE_TLS = ("SSLv2", "SSLv3", "TLSv1", "TLSv1.0", "TLSv1.1")
@@ -111,11 +118,11 @@ DEFAULT_LISTENER_PORT = 8080
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SECRET_ENV = re.compile(r"PASS|SECRET|TOKEN|KEY|CREDENTIAL|AUTH|PRIVATE", re.IGNORECASE)
 
 
 class ConfigError(Exception):
-    """An invalid config: `path` is the JSON path of the culprit, `message` what is wrong and the fix."""
+    """An invalid config: `path` is the JSON path of the culprit ("" for the file as a whole),
+    `message` what is wrong and the fix."""
 
     def __init__(self, path: str, message: str):
         super().__init__(f"{path}: {message}" if path else message)
@@ -128,29 +135,27 @@ def load_config(path: str | os.PathLike) -> Config:
     path = os.path.abspath(os.fspath(path))
     extension = os.path.splitext(path)[1].lower()
     if extension not in (".json", ".toml"):
-        raise ConfigError(path, f"unsupported config format {extension or '(no extension)'!r}; use a .json or .toml file")
+        raise ConfigError("", f"unsupported config format {extension or '(no extension)'!r}; use a .json or .toml file")
     try:
         with open(path, "rb") as file:
             raw = file.read()
     except OSError as err:
-        raise ConfigError(path, f"cannot read the config file: {err.strerror}") from None
+        raise ConfigError("", f"cannot read the config file {path}: {err.strerror}") from None
     if extension == ".toml":
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(path, f"invalid TOML: {err}") from None
+            raise ConfigError("", f"invalid TOML: {err}") from None
     else:
         try:
             data = ujson.loads(raw)
         except ValueError as err:
-            raise ConfigError(path, f"invalid JSON: {_json_error_location(raw, err)}") from None
+            raise ConfigError("", f"invalid JSON: {_json_error_location(raw, err)}") from None
     return parse_config(data, path)
 
 
 def _json_error_location(raw: bytes, err: ValueError) -> str:
     """ujson's message says what but not where; the stdlib parser says where."""
-    import json
-
     try:
         json.loads(raw)
     except ValueError as located:
@@ -164,6 +169,9 @@ def parse_config(data: dict, source: str) -> Config:
     base_dir = os.path.dirname(source)
     top = _Obj(data, "", TOP_KEYS)
     raw_apps = top.list("apps")
+    if not raw_apps and not top.has("load_balancer"):
+        raise ConfigError("apps", 'the config runs nothing; list apps (e.g. [{"name": "web", "script": "server.py"}]) '
+                                  "or a load_balancer")
     apps = [_parse_app(item, f"apps[{i}]", base_dir) for i, item in enumerate(raw_apps)]
     _check_apps_together(apps)
     listeners = _parse_listeners(top, apps, base_dir)
@@ -176,8 +184,10 @@ def instance_spec(app: AppConfig, index: int) -> InstanceSpec:
     env["PM2_INSTANCE_ID"] = str(index)
     env["NODE_APP_INSTANCE"] = str(index)
     port = None
-    if app.base_port is not None:
-        port = app.base_port + index if app.increment_var else app.base_port
+    if app.base_port is not None and app.increment_var:
+        port = app.base_port + index
+    elif app.base_port is not None and index == 0:
+        port = app.base_port  # a lone instance's env PORT; copies made by scale would share it, so get none
     if app.increment_var:
         env[app.increment_var] = str(port)
     return InstanceSpec(
@@ -226,7 +236,7 @@ class _Obj:
 
     def __init__(self, data: object, path: str, keys: tuple[str, ...]):
         if not isinstance(data, dict):
-            raise ConfigError(path or "(top level)", f"expected an object, got {_describe(data)}")
+            raise ConfigError(path, f"expected an object, got {_describe(data)}")
         for key in data:
             if key not in keys:
                 close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
@@ -268,7 +278,8 @@ class _Obj:
             raise self._expect(key, "true or false")
         return value
 
-    def integer(self, key: str, default: int | None, minimum: int | None = None, maximum: int | None = None) -> int | None:
+    def integer(self, key: str, default: int | None, minimum: int | None = None,
+                maximum: int | None = None) -> int | None:
         if key not in self.data:
             return default
         value = self.data[key]
@@ -281,14 +292,16 @@ class _Obj:
             raise self.error(key, f"expected a whole number {bounds}, got {value}")
         return value
 
-    def number(self, key: str, default: float | None, *, minimum: float = 0.0, above_minimum: bool = False) -> float | None:
+    def number(self, key: str, default: float | None, *, minimum: float = 0.0,
+               above_minimum: bool = False) -> float | None:
         if key not in self.data:
             return default
         value = self.data[key]
         if not _is_number(value) or not math.isfinite(value):
             raise self._expect(key, "a number")
         if value < minimum or above_minimum and value == minimum:
-            raise self.error(key, f"expected a number {'above' if above_minimum else 'of at least'} {minimum:g}, got {value}")
+            bound = "above" if above_minimum else "of at least"
+            raise self.error(key, f"expected a number {bound} {minimum:g}, got {value}")
         return float(value)
 
     def duration(self, key: str, default: float, bare_unit: str, *, positive: bool = False) -> float:
@@ -370,7 +383,8 @@ def _parse_app(data: object, path: str, base_dir: str) -> _App:
     obj = _Obj(data, path, APP_KEYS)
     name = obj.string("name", required='give the app a name, e.g. "name": "web"')
     if not _NAME.match(name):
-        raise obj.error("name", f"{name!r} may only hold letters, digits, '.', '_' and '-' (and start with a letter or digit)")
+        raise obj.error("name", f"{name!r} may only hold letters, digits, '.', '_' and '-' "
+                                "(and start with a letter or digit)")
     if name == "all":
         raise obj.error("name", "'all' is reserved (pmdaemon stop all); choose another name")
     script = _resolve_script(obj, base_dir)
@@ -384,7 +398,7 @@ def _parse_app(data: object, path: str, base_dir: str) -> _App:
     instances = _parse_instances(obj)
     increment_var = obj.string("increment_var")
     base_port = _base_port(obj, env, increment_var, instances)
-    health = _parse_health(obj.obj("health_check", HEALTH_KEYS), kind="http")
+    health = _health_block(obj, kind="http")
     balancing, given = _parse_app_balancing(obj.obj("load_balancer", APP_BALANCING_KEYS))
     monitoring = obj.obj("monitoring", ("enabled", "metrics_collection"))
     config = AppConfig(
@@ -535,6 +549,14 @@ def _base_port(obj: _Obj, env: dict[str, str], increment_var: str | None, instan
     return base
 
 
+def _health_block(parent: _Obj, kind: str) -> HealthCheckConfig | None:
+    """`health_check` as a block, or `true` (the default check) / `false` (no check)."""
+    value = parent.data.get("health_check")
+    if isinstance(value, bool):
+        return HealthCheckConfig(enabled=value, kind=kind)
+    return _parse_health(parent.obj("health_check", HEALTH_KEYS), kind)
+
+
 def _parse_health(obj: _Obj | None, kind: str) -> HealthCheckConfig | None:
     if obj is None:
         return None
@@ -604,7 +626,8 @@ def _parse_app_balancing(obj: _Obj | None) -> tuple[AppBalancing | None, dict]:
     }
     given = {key: values[key] for key in obj.data}
     defaults = AppBalancing()
-    balancing = AppBalancing(**{key: defaults.__dict__[key] if value is None else value for key, value in values.items()})
+    balancing = AppBalancing(**{key: getattr(defaults, key) if value is None else value
+                                for key, value in values.items()})
     return balancing, given
 
 
@@ -615,8 +638,8 @@ def _parse_aws(obj: _Obj) -> dict | None:
         return None
     arn = alb.string("target_group_arn", required="the ARN of the ALB target group to register instances in")
     if not re.match(r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:\d{12}:targetgroup/", arn):
-        raise alb.error("target_group_arn", f"expected a target group ARN "
-                                            f"('arn:aws:elasticloadbalancing:<region>:<account>:targetgroup/...'), got {arn!r}")
+        raise alb.error("target_group_arn", "expected a target group ARN ('arn:aws:elasticloadbalancing:"
+                                            f"<region>:<account>:targetgroup/...'), got {arn!r}")
     check_path = alb.string("health_check_path", "/health")
     if not check_path.startswith("/"):
         raise alb.error("health_check_path", f"expected a path starting with '/', got {check_path!r}")
@@ -640,8 +663,8 @@ def _check_apps_together(apps: list[_App]) -> None:
                 continue
             if spec.port in ports:
                 key = "increment_var" if app.config.increment_var else "env.PORT"
-                raise ConfigError(f"{app.path}.{key}", f"instance {spec.name} would use port {spec.port}, "
-                                                       f"already the port of {ports[spec.port]}; give the apps distinct ports")
+                raise ConfigError(f"{app.path}.{key}", f"instance {spec.name} would use port {spec.port}, already "
+                                                       f"the port of {ports[spec.port]}; give the apps distinct ports")
             ports[spec.port] = spec.name
 
 
@@ -659,21 +682,18 @@ def _parse_listeners(top: _Obj, apps: list[_App], base_dir: str) -> tuple[Listen
     entries = [(i, f"load_balancer[{i}]", item) for i, item in enumerate(raw)] if isinstance(raw, list) \
         else [(0, "load_balancer", raw)]
     listeners: list[ListenerConfig] = []
+    paths: dict[int, str] = {}
     for index, path, item in entries:
-        obj = _Obj(item, path, LISTENER_KEYS)
-        if not obj.enabled():
-            continue
+        if not _Obj(item, path, LISTENER_KEYS).enabled():
+            continue  # a disabled listener is only checked for unknown keys
         listener = _parse_listener(item, path, index, apps, base_dir)
         for other in listeners:
             if other.port == listener.port:
                 raise ConfigError(_join(path, "port"), f"port {listener.port} is already used by "
-                                                       f"{_listener_path(entries, other.index)}; give each listener its own port")
+                                                       f"{paths[other.index]}; give each listener its own port")
         listeners.append(listener)
+        paths[index] = path
     return tuple(listeners)
-
-
-def _listener_path(entries: list, index: int) -> str:
-    return next(path for i, path, _ in entries if i == index)
 
 
 def _parse_listener(data: dict, path: str, index: int, apps: list[_App], base_dir: str,
@@ -681,11 +701,14 @@ def _parse_listener(data: dict, path: str, index: int, apps: list[_App], base_di
     obj = _Obj(data, path, LISTENER_KEYS)
     kind = obj.string("type", "http", choices=("http", "tcp"))
     port = obj.integer("port", DEFAULT_LISTENER_PORT, minimum=1, maximum=65535)
-    listener_check = _parse_health(obj.obj("health_check", HEALTH_KEYS), kind=kind)
+    listener_check = _health_block(obj, kind=kind)
+    if listener_check is not None and not listener_check.enabled:
+        listener_check = None
     backend_protocol = obj.string("backend_protocol", "http", choices=("http", "https"))
     for key in ("verify", "ca_file"):
         if obj.has(key) and backend_protocol != "https":
-            raise obj.error(key, f'applies to TLS towards the backends; set "backend_protocol": "https" or remove {key}')
+            raise obj.error(key, 'applies to TLS towards the backends; set "backend_protocol": "https" '
+                                 f"or remove {key}")
     listener = ListenerConfig(
         index=index,
         port=port,
@@ -696,9 +719,9 @@ def _parse_listener(data: dict, path: str, index: int, apps: list[_App], base_di
         session=_parse_session(obj.obj("session", ("cookie_name", "header_name", "timeout"))),
         timeouts=_parse_timeouts(obj.obj("timeouts", ("connect", "read", "write", "idle"))),
         retries=_parse_retries(obj.obj("retries", ("max_attempts", "retry_delay", "backoff_factor"))),
-        rate_limiting=_parse_rate_limiting(obj.obj("rate_limiting", ("enabled", "requests_per_second", "burst_size", "per_ip_limit"))),
-        circuit_breaker=_parse_breaker(obj.obj("circuit_breaker", ("enabled", "failure_threshold", "recovery_timeout", "half_open_requests"))),
-        connection_pool=_parse_pool(obj.obj("connection_pool", ("enabled", "max_connections", "idle_timeout", "keep_alive"))),
+        rate_limiting=_parse_rate_limiting(obj.obj("rate_limiting", RATE_LIMITING_KEYS)),
+        circuit_breaker=_parse_breaker(obj.obj("circuit_breaker", BREAKER_KEYS)),
+        connection_pool=_parse_pool(obj.obj("connection_pool", CONNECTION_POOL_KEYS)),
         limits=_parse_limits(obj.obj("limits", ("max_body_size", "max_header_size", "header_timeout"))),
         monitoring=_parse_monitoring(obj.obj("monitoring", ("enabled", "metrics", "export"))),
         alerts=_parse_alerts(obj.obj("alerts", ("enabled", "rules", "smtp"))),
@@ -719,7 +742,7 @@ def _parse_listener(data: dict, path: str, index: int, apps: list[_App], base_di
         raise obj.error("session", "sessions need HTTP cookies or headers; a tcp listener cannot use them")
     backends, members = _resolve_pool(obj, listener, listener_check, apps, pool_apps)
     listener = replace(listener, backends=backends, apps=tuple(m.config.name for m in members),
-                       health_check=listener_check if listener_check and listener_check.enabled else None)
+                       health_check=listener_check)
     listener = _merge_pool_wide_options(obj, listener, members)
     _check_strategy_fits(obj, listener, members)
     _check_ports_distinct(obj, listener, apps)
@@ -742,10 +765,9 @@ def _parse_ssl(obj: _Obj | None, base_dir: str) -> SslConfig:
             if name not in SUPPORTED_TLS:
                 raise ConfigError(where, f"unknown value '{name}'; {_hint(name, SUPPORTED_TLS)}")
         protocols = tuple(p for p in SUPPORTED_TLS if p in protocols)
-    enabled = obj.enabled()
-    if not enabled:
-        resolve = lambda key: os.path.join(base_dir, obj.string(key)) if obj.has(key) else None  # noqa: E731
-        return SslConfig(enabled=False, cert_file=resolve("cert_file"), key_file=resolve("key_file"), protocols=protocols)
+    if not obj.enabled():
+        cert, key = (os.path.join(base_dir, obj.string(k)) if obj.has(k) else None for k in ("cert_file", "key_file"))
+        return SslConfig(enabled=False, cert_file=cert, key_file=key, protocols=protocols)
     for key in ("cert_file", "key_file"):
         if not obj.has(key):
             raise obj.error(key, "missing; TLS termination needs a certificate and its private key "
@@ -879,9 +901,10 @@ def _parse_alerts(obj: _Obj | None) -> AlertsConfig:
         return AlertsConfig()
     rules: list[AlertRule] = []
     for i, item in enumerate(obj.list("rules")):
-        rule = _parse_rule(_Obj(item, f"{obj.at('rules')}[{i}]", ("name", "condition", "duration", "action", "url", "recipients")))
+        rule = _parse_rule(_Obj(item, f"{obj.at('rules')}[{i}]", RULE_KEYS))
         if any(r.name == rule.name for r in rules):
-            raise ConfigError(f"{obj.at('rules')}[{i}].name", f"rule name '{rule.name}' is used twice; names must be unique")
+            raise ConfigError(f"{obj.at('rules')}[{i}].name", f"rule name '{rule.name}' is used twice; "
+                                                               "names must be unique")
         rules.append(rule)
     return AlertsConfig(enabled=obj.enabled(), rules=tuple(rules), smtp=_parse_smtp(obj))
 
@@ -893,12 +916,14 @@ def _parse_rule(obj: _Obj) -> AlertRule:
         metric, op, threshold = parse_condition(condition)
     except ValueError as err:
         raise obj.error("condition", str(err)) from None
-    action = obj.string("action", required='"webhook" (with "url") or "email" (with "recipients")', choices=ALERT_ACTIONS)
+    action = obj.string("action", required='"webhook" (with "url") or "email" (with "recipients")',
+                        choices=ALERT_ACTIONS)
     url = obj.string("url")
     recipients = obj.strings("recipients")
     if action == "webhook":
         if url is None:
-            raise obj.error("url", 'missing; a webhook action POSTs to this URL, e.g. "url": "http://127.0.0.1:9999/alert"')
+            raise obj.error("url", "missing; a webhook action POSTs to this URL, "
+                                   'e.g. "url": "http://127.0.0.1:9999/alert"')
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise obj.error("url", f"expected an http:// or https:// URL, got {url!r}")
@@ -926,19 +951,26 @@ def _parse_smtp(alerts: _Obj) -> SmtpConfig:
         return SmtpConfig()
     password_env = obj.string("password_env")
     if password_env is not None and not _ENV_NAME.match(password_env):
-        raise obj.error("password_env", f"expected the NAME of an environment variable (such as SMTP_PASSWORD), got {password_env!r}")
+        raise obj.error("password_env", "expected the NAME of an environment variable (such as SMTP_PASSWORD), "
+                                        f"got {password_env!r}")
     sender = obj.string("from", SmtpConfig.sender)
     if "@" not in sender:
         raise obj.error("from", f"expected an email address, got {sender!r}")
-    return SmtpConfig(host=obj.string("host", SmtpConfig.host), port=obj.integer("port", SmtpConfig.port, minimum=1, maximum=65535),
-                      sender=sender, username=obj.string("username"), password_env=password_env,
-                      starttls=obj.boolean("starttls", SmtpConfig.starttls))
+    return SmtpConfig(
+        host=obj.string("host", SmtpConfig.host),
+        port=obj.integer("port", SmtpConfig.port, minimum=1, maximum=65535),
+        sender=sender,
+        username=obj.string("username"),
+        password_env=password_env,
+        starttls=obj.boolean("starttls", SmtpConfig.starttls),
+    )
 
 
 def _parse_geo(obj: _Obj) -> dict[str, str]:
     value = obj.data.get("geo", {})
     if not isinstance(value, dict):
-        raise obj.error("geo", f'expected an object mapping CIDR to region, e.g. {{"10.1.0.0/16": "us-east-1"}}, got {_describe(value)}')
+        raise obj.error("geo", 'expected an object mapping CIDR to region, e.g. {"10.1.0.0/16": "us-east-1"}, '
+                               f"got {_describe(value)}")
     geo = {}
     for cidr, region in value.items():
         where = f"{obj.at('geo')}.{cidr}"
@@ -958,7 +990,8 @@ def _networks(obj: _Obj, key: str) -> tuple[str, ...]:
         try:
             networks.append(str(ipaddress.ip_network(text, strict=False)))
         except ValueError:
-            raise ConfigError(f"{obj.at(key)}[{i}]", f"{text!r} is not an IP address or CIDR such as 10.0.0.0/8") from None
+            raise ConfigError(f"{obj.at(key)}[{i}]",
+                              f"{text!r} is not an IP address or CIDR such as 10.0.0.0/8") from None
     return tuple(networks)
 
 
@@ -984,7 +1017,8 @@ def _resolve_pool(obj: _Obj, listener: ListenerConfig, listener_check: HealthChe
     named = []
     for i, name in enumerate(obj.strings("apps")):
         if name not in by_name:
-            raise ConfigError(f"{obj.at('apps')}[{i}]", f"no app named '{name}'; {_hint(name, list(by_name) or ['(none defined)'])}")
+            known = list(by_name) or ["(no apps defined)"]
+            raise ConfigError(f"{obj.at('apps')}[{i}]", f"no app named '{name}'; {_hint(name, known)}")
         named.append(by_name[name])
     backends: list[BackendConfig] = []
     members: list[_App] = []
@@ -998,7 +1032,7 @@ def _resolve_pool(obj: _Obj, listener: ListenerConfig, listener_check: HealthChe
             host, port = _backend_address(entry, where)
             owner = owners.get(port) if ipaddress.ip_address(host).is_loopback else None
             if owner is None:
-                backend = BackendConfig(host=host, port=port, health_check=listener_check if listener_check and listener_check.enabled else None)
+                backend = BackendConfig(host=host, port=port, health_check=listener_check)
             else:
                 app, spec = owner
                 if named and app not in named:
@@ -1012,14 +1046,16 @@ def _resolve_pool(obj: _Obj, listener: ListenerConfig, listener_check: HealthChe
             backends.append(backend)
     else:
         if pool_apps is None:
-            pool_apps = named or [a for a in apps if a.config.exec_mode == "cluster" or a.config.load_balancer is not None]
+            pool_apps = named or [a for a in apps if a.config.exec_mode == "cluster" or a.config.load_balancer]
         if not pool_apps:
             raise ConfigError(obj.path, 'has no backends; list "backend_ports", or name "apps" (or give apps '
-                                        '"exec_mode": "cluster" or their own "load_balancer" block) with an increment_var port')
+                                        '"exec_mode": "cluster" or their own "load_balancer" block) '
+                                        "with an increment_var port")
         for app in pool_apps:
             if app.config.base_port is None:
-                raise ConfigError(f"{app.path}.increment_var", f"app '{app.config.name}' is balanced by {obj.path or 'the load balancer'} "
-                                                               'but its instances have no port; set e.g. "increment_var": "PORT" with "env": {"PORT": 3000}')
+                raise ConfigError(f"{app.path}.increment_var",
+                                  f"app '{app.config.name}' is balanced by {obj.path} but its instances have no "
+                                  'port; set e.g. "increment_var": "PORT" with "env": {"PORT": 3000}')
             for spec in app.config.instance_specs:
                 backends.append(_instance_backend(app, spec, "127.0.0.1", listener, listener_check))
             members.append(app)
@@ -1067,7 +1103,8 @@ def _instance_backend(app: _App, spec: InstanceSpec, host: str, listener: Listen
     )
 
 
-def _effective_check(app: _App, listener: ListenerConfig, listener_check: HealthCheckConfig | None) -> HealthCheckConfig | None:
+def _effective_check(app: _App, listener: ListenerConfig,
+                     listener_check: HealthCheckConfig | None) -> HealthCheckConfig | None:
     """decisions.md section 8: the app's check covers its instances, else `health_check: true` in its
     load_balancer block asks for the default check, else the listener's check applies. An explicit
     `false` (or a disabled app check) means no active check for those instances."""
@@ -1081,7 +1118,7 @@ def _effective_check(app: _App, listener: ListenerConfig, listener_check: Health
         return replace(own, kind="tcp") if listener.type == "tcp" and own.url is None else own
     if wanted is True:
         return HealthCheckConfig(kind="tcp" if listener.type == "tcp" else "http")
-    return listener_check if listener_check and listener_check.enabled else None
+    return listener_check
 
 
 def _merge_pool_wide_options(obj: _Obj, listener: ListenerConfig, members: list[_App]) -> ListenerConfig:
@@ -1154,133 +1191,3 @@ def _check_ports_distinct(obj: _Obj, listener: ListenerConfig, apps: list[_App])
     if prometheus is not None and prometheus.port == listener.port:
         raise ConfigError(obj.at("monitoring.export.prometheus"),
                           f"port {prometheus.port} is the listener's own port; use another (default 9615)")
-
-
-# --------------------------------------------------------------------------- effective config
-
-
-def effective_config(cfg: Config) -> dict:
-    """The merged config, every default filled in, durations with units, no secrets: `pmdaemon lb config`."""
-    return {
-        "source": cfg.source,
-        "apps": [_app_view(app) for app in cfg.apps],
-        "load_balancer": [_listener_view(listener) for listener in cfg.listeners],
-    }
-
-
-def _ms(seconds: float) -> str:
-    return units.format_duration(seconds, "ms")
-
-
-def _s(seconds: float) -> str:
-    return units.format_duration(seconds, "s")
-
-
-def _health_view(check: HealthCheckConfig | None) -> dict | None:
-    if check is None:
-        return None
-    return {
-        "enabled": check.enabled, "kind": check.kind, "url": check.url, "path": check.path,
-        "interval": _s(check.interval), "timeout": _s(check.timeout), "retries": check.retries,
-        "failure_threshold": check.failure_threshold, "success_threshold": check.success_threshold,
-        "restart_unhealthy": check.restart_unhealthy,
-    }
-
-
-def _balancing_view(balancing: AppBalancing | None) -> dict | None:
-    if balancing is None:
-        return None
-    return {
-        "strategy": balancing.strategy, "health_check": balancing.health_check,
-        "connection_tracking": balancing.connection_tracking, "hash_key": balancing.hash_key,
-        "session_affinity": balancing.session_affinity, "primary_region": balancing.primary_region,
-        "fallback_regions": list(balancing.fallback_regions), "exclude_unhealthy": balancing.exclude_unhealthy,
-        "quarantine_duration": _s(balancing.quarantine_duration), "metrics": dict(balancing.metrics),
-        "update_interval": _s(balancing.update_interval),
-    }
-
-
-def _masked_env(env) -> dict:
-    return {key: "***" if _SECRET_ENV.search(key) else value for key, value in env.items()}
-
-
-def _app_view(app: AppConfig) -> dict:
-    return {
-        "name": app.name, "script": app.script, "args": list(app.args), "cwd": app.cwd,
-        "interpreter": list(app.interpreter), "env": _masked_env(app.env), "instances": app.instances,
-        "exec_mode": app.exec_mode, "increment_var": app.increment_var, "weight": app.weight, "region": app.region,
-        "health_check": _health_view(app.health_check), "load_balancer": _balancing_view(app.load_balancer),
-        "monitoring": {"enabled": app.monitoring_enabled, "metrics_collection": app.metrics_collection},
-        "autorestart": app.autorestart, "max_restarts": app.max_restarts, "min_uptime": _ms(app.min_uptime),
-        "restart_delay": _ms(app.restart_delay), "exp_backoff_restart_delay": _ms(app.exp_backoff_restart_delay),
-        "kill_timeout": _ms(app.kill_timeout), "max_memory_restart": units.format_size(app.max_memory_restart),
-        "aws": {"alb": {**app.aws_alb, "deregistration_delay": _s(app.aws_alb["deregistration_delay"])}} if app.aws_alb else None,
-        "processes": [{"name": spec.name, "port": spec.port} for spec in app.instance_specs],
-    }
-
-
-def _masked_url(url: str | None) -> str | None:
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
-
-
-def _endpoint_view(endpoint: Endpoint | None, extra: str) -> dict | None:
-    if endpoint is None:
-        return None
-    return {"host": endpoint.host, "port": endpoint.port, extra: endpoint.path_or_prefix}
-
-
-def _listener_view(listener: ListenerConfig) -> dict:
-    rate = listener.rate_limiting
-    return {
-        "index": listener.index, "enabled": True, "host": listener.host, "port": listener.port, "type": listener.type,
-        "strategy": listener.strategy, "apps": list(listener.apps),
-        "backends": [
-            {"address": b.address, "instance": b.instance, "app": b.app, "weight": b.weight, "region": b.region,
-             "health_check": _health_view(b.health_check)}
-            for b in listener.backends
-        ],
-        "health_check": _health_view(listener.health_check),
-        "ssl": {"enabled": listener.ssl.enabled, "cert_file": listener.ssl.cert_file,
-                "key_file": listener.ssl.key_file, "protocols": list(listener.ssl.protocols)},
-        "session": {"cookie_name": listener.session.cookie_name, "header_name": listener.session.header_name,
-                    "timeout": _s(listener.session.timeout)},
-        "timeouts": {key: _ms(getattr(listener.timeouts, key)) for key in ("connect", "read", "write", "idle")},
-        "retries": {"max_attempts": listener.retries.max_attempts, "retry_delay": _ms(listener.retries.retry_delay),
-                    "backoff_factor": listener.retries.backoff_factor},
-        "rate_limiting": {"enabled": rate.enabled, "requests_per_second": rate.requests_per_second,
-                          "burst_size": rate.burst_size, "per_ip_limit": rate.per_ip_limit},
-        "circuit_breaker": {"enabled": listener.circuit_breaker.enabled,
-                            "failure_threshold": listener.circuit_breaker.failure_threshold,
-                            "recovery_timeout": _ms(listener.circuit_breaker.recovery_timeout),
-                            "half_open_requests": listener.circuit_breaker.half_open_requests},
-        "connection_pool": {"enabled": listener.connection_pool.enabled,
-                            "max_connections": listener.connection_pool.max_connections,
-                            "idle_timeout": _s(listener.connection_pool.idle_timeout),
-                            "keep_alive": listener.connection_pool.keep_alive},
-        "limits": {"max_body_size": None if listener.limits.max_body_size is None else units.format_size(listener.limits.max_body_size),
-                   "max_header_size": units.format_size(listener.limits.max_header_size),
-                   "header_timeout": _s(listener.limits.header_timeout)},
-        "monitoring": {"enabled": listener.monitoring.enabled, "metrics": dict(listener.monitoring.metrics),
-                       "export": {"prometheus": _endpoint_view(listener.monitoring.prometheus, "path"),
-                                  "statsd": _endpoint_view(listener.monitoring.statsd, "prefix")}},
-        "alerts": {
-            "enabled": listener.alerts.enabled,
-            "rules": [{"name": r.name, "condition": r.condition, "duration": _s(r.duration), "action": r.action,
-                       "url": _masked_url(r.url), "recipients": list(r.recipients)} for r in listener.alerts.rules],
-            "smtp": {"host": listener.alerts.smtp.host, "port": listener.alerts.smtp.port,
-                     "from": listener.alerts.smtp.sender, "username": listener.alerts.smtp.username,
-                     "password_env": listener.alerts.smtp.password_env, "starttls": listener.alerts.smtp.starttls},
-        },
-        "backend_protocol": listener.backend_protocol,
-        "verify": listener.backend_tls.verify, "ca_file": listener.backend_tls.ca_file,
-        "hash_key": listener.hash_key, "session_affinity": listener.session_affinity, "geo": dict(listener.geo),
-        "geo_database": listener.geo_database, "region_header": listener.region_header,
-        "trusted_proxies": list(listener.trusted_proxies), "metrics": dict(listener.metrics_weights),
-        "update_interval": _s(listener.update_interval), "quarantine_duration": _s(listener.quarantine_duration),
-        "exclude_unhealthy": listener.exclude_unhealthy,
-    }

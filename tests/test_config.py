@@ -858,3 +858,15 @@ def test_effective_config_durations_reparse_to_the_same_values(cfgdir):
     listener = effective_config(cfg)["load_balancer"][0]
     assert units.parse_duration(listener["timeouts"]["connect"], "ms") == 0.25
     assert units.parse_duration(listener["session"]["timeout"], "s") == 5400.0
+
+
+def test_health_check_may_be_a_boolean(cfgdir):
+    cfg = load(cfgdir, {"apps": [app(health_check=True), app(name="b", port=4000, health_check=False)],
+                        "load_balancer": {"health_check": True}})
+    checks = {b.instance: b.health_check for b in cfg.listeners[0].backends}
+    assert checks["web-0"] == HealthCheckConfig() and checks["b-0"] is None
+    assert cfg.listeners[0].health_check == HealthCheckConfig()
+
+
+def test_an_empty_config_is_an_error(cfgdir):
+    assert error(cfgdir, {}).path == "apps"
