@@ -14,8 +14,9 @@ Then the cross-references are resolved (decisions.md section 3):
 3. each listener's pool: `backend_ports` (a port of a managed instance is tied to that instance),
    or the instances of the apps it names, or of the apps in cluster mode or with a `load_balancer`
    block; each backend gets its app's weight, region, per-app options and effective health check;
-4. pool-wide options an app's `load_balancer` block may set (strategy, hash_key, ...) become the
-   listener's unless the listener sets them; two sources naming different values are an error.
+4. the strategy is one per pool: the listener's, else the one its apps name (two different ones
+   are an error); other per-app options stay on each backend and reach the listener-level field
+   when the apps agree and the listener does not set it.
 
 `effective_config(cfg)` (written in `net/configview.py`, re-exported here) is the reverse view: the
 merged config with every default filled in and durations written with their units, for
@@ -1122,33 +1123,36 @@ def _effective_check(app: _App, listener: ListenerConfig,
 
 
 def _merge_pool_wide_options(obj: _Obj, listener: ListenerConfig, members: list[_App]) -> ListenerConfig:
-    """Options one pool shares: the listener's value if written, else the apps' common value."""
+    """The listener-level value of each option an app's `load_balancer` block may also set.
+
+    Strategy is one per pool: the listener's if written, else the one its apps name; two different
+    ones are an error naming both. The other options apply per app (BackendConfig.balancing always
+    carries them); the listener-level field takes the value the apps agree on when the listener
+    does not write it, so a pool-wide reader (hash_key, update_interval...) finds it there.
+    """
     changes = {}
+    strategy_source = obj.at("strategy") if obj.has("strategy") else None
+    for app in members:
+        mine = app.balancing_given.get("strategy")
+        if mine is None:
+            continue
+        here = f"{app.path}.load_balancer.strategy"
+        if strategy_source is None:
+            strategy_source, changes["strategy"] = f"app '{app.config.name}' ({here})", mine
+        elif mine != changes.get("strategy", listener.strategy):
+            raise ConfigError(here, f"app '{app.config.name}' asks for '{mine}' but {strategy_source} asks for "
+                                    f"'{changes.get('strategy', listener.strategy)}'; apps balanced by one "
+                                    "listener share one strategy")
     for key, field_name in POOL_WIDE_OPTIONS.items():
-        source, value = (obj.at(key), getattr(listener, field_name)) if obj.has(key) else (None, None)
-        for app in members:
-            if key not in app.balancing_given or app.balancing_given[key] is None:
-                continue
-            mine = app.balancing_given[key]
-            here = f"{app.path}.load_balancer.{key}"
-            if source is None:
-                source, value = f"app '{app.config.name}' ({here})", mine
-            elif mine != value:
-                raise ConfigError(here, f"app '{app.config.name}' asks for {_show_option(key, mine)} but "
-                                        f"{source} asks for {_show_option(key, value)}; apps balanced by one "
-                                        f"listener share one {key}")
-        if source is not None and not obj.has(key):
-            changes[field_name] = value
+        if key == "strategy" or obj.has(key):
+            continue
+        values = [app.balancing_given[key] for app in members if app.balancing_given.get(key) is not None]
+        if values and all(value == values[0] for value in values):
+            changes[field_name] = values[0]
     listener = replace(listener, **changes)
     if listener.strategy == "performance_based" and not listener.metrics_weights:
         listener = replace(listener, metrics_weights=dict(DEFAULT_PERFORMANCE_WEIGHTS))
     return listener
-
-
-def _show_option(key: str, value: object) -> str:
-    if key in ("update_interval", "quarantine_duration"):
-        return f"'{units.format_duration(value, 's')}'"
-    return f"'{value}'" if isinstance(value, str) else _show(value)
 
 
 def _check_strategy_fits(obj: _Obj, listener: ListenerConfig, members: list[_App]) -> None:

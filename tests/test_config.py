@@ -870,3 +870,14 @@ def test_health_check_may_be_a_boolean(cfgdir):
 
 def test_an_empty_config_is_an_error(cfgdir):
     assert error(cfgdir, {}).path == "apps"
+
+
+def test_per_app_options_stay_per_app_and_agreeing_ones_reach_the_listener(cfgdir):
+    cfg = load(cfgdir, {"apps": [
+        app(load_balancer={"strategy": "health_aware_round_robin", "quarantine_duration": 30, "update_interval": 5}),
+        app(name="b", port=4000, load_balancer={"quarantine_duration": 60, "update_interval": 5})]})
+    listener = cfg.listeners[0]
+    assert listener.strategy == "health_aware_round_robin"
+    assert listener.update_interval == 5.0  # every app that says, says 5 s
+    assert listener.quarantine_duration == 0.0  # they differ: each app keeps its own
+    assert [b.balancing.quarantine_duration for b in listener.backends] == [30.0, 30.0, 60.0, 60.0]
