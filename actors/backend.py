@@ -2,7 +2,7 @@
 
 It hears its share of every LoopReport (`BackendOutcomes`: the outcomes of requests this backend
 served plus the in-flight gauge) and keeps what `lb backends` and the performance_based scorer need:
-an EWMA of response time, the error rate over the last minute, request and byte counts.
+an EWMA of response time (half-life 10 s), the error rate over the last minute, request and byte counts.
 
 Passive ejection (health_aware_round_robin): a live-traffic failure (connect error, reset, timeout,
 5xx) tells the Listener actor to `Eject` this backend at once; the Listener decides whether it may
@@ -18,8 +18,9 @@ import pykka
 from actors.breaker import is_backend_failure
 from actors.messages import BackendOutcomes, Eject
 from net.config import ListenerConfig
+from net.perfscore import Ewma
 
-EWMA_ALPHA = 0.2  # weight of the newest response time
+LATENCY_HALF_LIFE = 10.0  # seconds: a response time counts half as much 10 s later
 ERROR_WINDOW = 60.0  # seconds of history behind error_rate and requests_per_second
 RATE_WINDOW = 10.0  # seconds behind requests_per_second
 
@@ -35,7 +36,7 @@ class Backend(pykka.ThreadingActor):
         self._errors = 0
         self._bytes_in = 0
         self._bytes_out = 0
-        self._latency_ewma: float | None = None
+        self._latency = Ewma(LATENCY_HALF_LIFE)
         self._active = 0
         self._recent: deque[tuple[float, int, int]] = deque()  # (time.monotonic(), requests, errors) per report
 
@@ -49,6 +50,7 @@ class Backend(pykka.ThreadingActor):
     def _count(self, outcomes) -> None:
         errors = 0
         first_failure = None
+        now = time.monotonic()
         for outcome in outcomes:
             self._requests += 1
             self._bytes_in += outcome.bytes_in
@@ -57,10 +59,8 @@ class Backend(pykka.ThreadingActor):
                 errors += 1
                 first_failure = first_failure or outcome
             else:
-                self._latency_ewma = (outcome.latency if self._latency_ewma is None
-                                      else EWMA_ALPHA * outcome.latency + (1 - EWMA_ALPHA) * self._latency_ewma)
+                self._latency.add(outcome.latency, now)
         self._errors += errors
-        now = time.monotonic()
         self._recent.append((now, len(outcomes), errors))
         while self._recent and self._recent[0][0] < now - ERROR_WINDOW:
             self._recent.popleft()
@@ -81,7 +81,7 @@ class Backend(pykka.ThreadingActor):
             "errors": self._errors,
             "bytes_in": self._bytes_in,
             "bytes_out": self._bytes_out,
-            "latency_ewma": self._latency_ewma,  # seconds; None before the first success
-            "error_rate": recent_errors / recent_requests if recent_requests else 0.0,  # last minute
+            "latency_ewma": self._latency.value,  # seconds; None before the first success
+            "error_rate": recent_errors / recent_requests if recent_requests else None,  # last minute
             "requests_per_second": rate_requests / RATE_WINDOW,
         }

@@ -11,7 +11,10 @@ Theory of operation. For every backend of the listener the table merges what the
 - quarantine (health_aware_round_robin only): a backend that turns unhealthy or is ejected by live
   traffic (`Eject` from its Backend actor) stays out at least `quarantine_duration`. The passive rule
   alone never ejects the last routable backend;
-- effective weight (performance_based, `set_weights`).
+- effective weight (performance_based: `EffectiveWeights` from the Scorer actor).
+
+Pool-wide options (`quarantine_duration`, `exclude_unhealthy`) come from the ListenerConfig, where
+the config loader has already merged the apps' `load_balancer` blocks.
 
 The state the loop sees, first match wins: process not online, unhealthy or quarantined -> DOWN;
 breaker open -> OPEN; draining -> DRAINING; breaker half-open -> HALF_OPEN (with the configured
@@ -26,7 +29,8 @@ from typing import Callable
 
 import pykka
 
-from actors.messages import BreakerEvent, Eject, HealthEvent, InstanceEvent, MarkDown, ProcessStatus, Tick
+from actors.messages import (BreakerEvent, EffectiveWeights, Eject, HealthEvent, InstanceEvent, MarkDown,
+                             ProcessStatus, Tick)
 from actors.timers import Timers
 from net.config import BackendConfig, ListenerConfig
 from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
@@ -86,12 +90,6 @@ class Listener(pykka.ThreadingActor):
         self._publish()
         return [self._row_dict(i) for i in indexes]
 
-    def set_weights(self, weights: dict[int, int]) -> None:
-        """performance_based: the effective weight per backend index (configured weight where absent)."""
-        for i, row in enumerate(self._rows):
-            row.weight = weights.get(i, row.config.weight)
-        self._publish()
-
     def snapshot(self) -> PoolSnapshot:
         return PoolSnapshot(self.config.index, self._version, self._published or ())
 
@@ -111,6 +109,10 @@ class Listener(pykka.ThreadingActor):
                 self._publish()
             case Eject():
                 self._eject(message)
+            case EffectiveWeights(weights=weights):
+                for i, weight in enumerate(weights):
+                    self._rows[i].weight = weight
+                self._publish()
             case Tick(key="quarantine"):
                 self._publish()
 
@@ -158,20 +160,10 @@ class Listener(pykka.ThreadingActor):
     def _quarantine(self, index: int) -> None:
         if not self._quarantine_aware:
             return
-        duration = self._quarantine_duration(self._rows[index].config)
+        duration = self.config.quarantine_duration
         if duration > 0:
             self._rows[index].quarantined_until = time.monotonic() + duration
             self._timers.tell_later(duration, self.actor_ref, Tick("quarantine"))
-
-    def _quarantine_duration(self, backend: BackendConfig) -> float:
-        if backend.balancing is not None:
-            return backend.balancing.quarantine_duration or self.config.quarantine_duration
-        return self.config.quarantine_duration
-
-    def _excludes_unhealthy(self, backend: BackendConfig) -> bool:
-        if backend.balancing is not None:
-            return backend.balancing.exclude_unhealthy
-        return self.config.exclude_unhealthy
 
     # --- the merge ---
 
@@ -179,7 +171,7 @@ class Listener(pykka.ThreadingActor):
         row = self._rows[index]
         if not row.process_ok:
             return DOWN
-        if self._excludes_unhealthy(row.config) and (not row.healthy or now < row.quarantined_until):
+        if self.config.exclude_unhealthy and (not row.healthy or now < row.quarantined_until):
             return DOWN
         if row.breaker == OPEN:
             return OPEN

@@ -85,3 +85,10 @@ class Tick:
     """A timer firing inside one actor (sent by `actors/timers.py`); `key` says which timer."""
 
     key: object
+
+
+@dataclass(frozen=True)
+class EffectiveWeights:
+    """Scorer -> Listener (performance_based): the weight of each backend, in ListenerConfig.backends order."""
+
+    weights: tuple[int, ...]

@@ -6,7 +6,8 @@ Per listener it starts (actors/*.py):
   Backend        one per backend: traffic roll-up, passive ejection -> Eject to the Listener
   CircuitBreaker when `circuit_breaker.enabled`: outcomes -> BreakerEvent to the Listener
   RateLimiter    when `rate_limiting.enabled`: refusals seen by the loop
-and subscribes the Listener to the supervisor's InstanceEvents. The IOLoop runs on one thread; its
+  Scorer         when the strategy is performance_based: EffectiveWeights to the Listener
+and one MetricsActor for all listeners (it also receives every published pool state), and subscribes the Listener to the supervisor's InstanceEvents. The IOLoop runs on one thread; its
 `on_report` callback (`_ReportFanOut`) splits each LoopReport per listener and backend and only
 `tell`s. The daemon calls the public methods from its control-socket threads; they take
 `self._lock` and `ask` actors, never the loop.
@@ -26,11 +27,13 @@ from actors.breaker import CircuitBreaker
 from actors.health import HealthProbe
 from actors.listener import Listener
 from actors.messages import BackendOutcomes, LoopReport
+from actors.metrics import MetricsActor
 from actors.ratelimiter import RateLimiter
+from actors.scorer import Scorer
 from actors.supervisor import ProcessSupervisor
 from actors.timers import Timers
 from net.config import Config, ListenerConfig
-from net.snapshot import HALF_OPEN, OPEN, UP
+from net.snapshot import HALF_OPEN, OPEN, UP, PoolSnapshot
 
 ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
 LOOP_JOIN_TIMEOUT = 10.0
@@ -46,9 +49,7 @@ class _ListenerUnit:
     backends: tuple[pykka.ActorRef, ...]
     breaker: pykka.ActorRef | None
     ratelimiter: pykka.ActorRef | None
-
-    def actors(self) -> list[pykka.ActorRef]:
-        return [ref for ref in (self.listener, self.probe, *self.backends, self.breaker, self.ratelimiter) if ref]
+    scorer: pykka.ActorRef | None
 
 
 class _ReportFanOut:
@@ -59,9 +60,12 @@ class _ReportFanOut:
 
     def __init__(self) -> None:
         self.units: dict[int, _ListenerUnit] = {}
+        self.metrics: pykka.ActorRef | None = None
         self._last_active: dict = {}
 
     def __call__(self, report: LoopReport) -> None:
+        if self.metrics is not None:
+            _tell(self.metrics, report)
         by_listener: dict[int, list] = defaultdict(list)
         for outcome in report.outcomes:
             by_listener[outcome.listener].append(outcome)
@@ -107,6 +111,8 @@ class Runtime:
         self._fanout = _ReportFanOut()
         self._loop = None
         self._loop_thread: threading.Thread | None = None
+        self._metrics: pykka.ActorRef | None = None
+        self._metrics_states = None  # the MetricsActor's proxy, kept for the Listeners' publish calls
         self._closed = False
 
     # --- lifecycle ---
@@ -158,20 +164,32 @@ class Runtime:
         if self._loop_thread is None:
             self._loop_thread = threading.Thread(target=self._loop.run, name="pmdaemon-ioloop", daemon=True)
             self._loop_thread.start()
+        self._metrics = MetricsActor.start(config.listeners, timers=self._timers)
+        self._metrics_states = self._metrics.proxy()
+        self._fanout.metrics = self._metrics
         units = {listener.index: self._start_unit(listener) for listener in config.listeners}
         self._fanout.units = units
 
     def _start_unit(self, config: ListenerConfig) -> _ListenerUnit:
-        listener = Listener.start(config, self._loop.publish, self._timers)
+        listener = Listener.start(config, self._publish, self._timers)
         probe = HealthProbe.start(config, listener, self.supervisor, self._timers)
         listener.proxy().attach_probe(probe).get(timeout=ASK_TIMEOUT)
         self.supervisor.proxy().subscribe(listener).get(timeout=ASK_TIMEOUT)
+        backends = tuple(Backend.start(config, i, listener) for i in range(len(config.backends)))
         return _ListenerUnit(
-            config=config, listener=listener, probe=probe,
-            backends=tuple(Backend.start(config, i, listener) for i in range(len(config.backends))),
+            config=config, listener=listener, probe=probe, backends=backends,
             breaker=CircuitBreaker.start(config, listener, self._timers) if config.circuit_breaker.enabled else None,
             ratelimiter=RateLimiter.start(config.rate_limiting) if config.rate_limiting.enabled else None,
+            scorer=(Scorer.start(config, listener, backends, self.supervisor, self._timers)
+                    if config.strategy == "performance_based" else None),
         )
+
+    def _publish(self, snapshot: PoolSnapshot) -> None:
+        """What a Listener actor does with a new snapshot (on its own thread): the loop routes by it,
+        the metrics show its states."""
+        self._loop.publish(snapshot)
+        if self._metrics_states is not None:
+            self._metrics_states.set_backend_states(snapshot.listener, {b.address: b.state for b in snapshot.backends})
 
     def shutdown(self) -> None:
         """Stop the listeners and the loop, every process (waiting for them), then every actor and thread."""
@@ -199,6 +217,7 @@ class Runtime:
 
     def lb_status(self) -> list[dict]:
         rows = []
+        rates = self._metrics.proxy().status_rates().get(timeout=ASK_TIMEOUT) if self._metrics else {}
         for unit in self._units():
             backends = self._backend_rows(unit)
             rows.append({
@@ -210,7 +229,7 @@ class Runtime:
                 "backends_up": sum(1 for b in backends if b["state"] == UP),
                 "backends_total": len(backends),
                 "active": sum(b["active"] for b in backends),
-                "requests_per_second": round(sum(b["requests_per_second"] for b in backends), 3),
+                "requests_per_second": rates.get(unit.config.index, 0.0),
             })
         return rows
 
@@ -250,6 +269,25 @@ class Runtime:
     def lb_enable(self, backend: str) -> dict:
         return self._set_draining(backend, drain=False)
 
+    def lb_stats(self) -> dict:
+        return self._metrics_proxy().stats().get(timeout=ASK_TIMEOUT)
+
+    def lb_traffic(self) -> list[dict]:
+        return self._metrics_proxy().traffic().get(timeout=ASK_TIMEOUT)
+
+    def lb_metrics(self, detailed: bool = False) -> str:
+        """Prometheus text, the same the /metrics endpoint serves."""
+        return self._metrics_proxy().render_prometheus(detailed).get(timeout=ASK_TIMEOUT)
+
+    def lb_metrics_samples(self, detailed: bool = False) -> list[dict]:
+        return self._metrics_proxy().samples(detailed).get(timeout=ASK_TIMEOUT)
+
+    def _metrics_proxy(self):
+        if self._metrics is None:
+            raise RuntimeError("no load balancer is running: metrics come from listeners "
+                               "(add a load_balancer block to the config)")
+        return self._metrics.proxy()
+
     # --- helpers ---
 
     def _units(self) -> list[_ListenerUnit]:
@@ -258,8 +296,9 @@ class Runtime:
     def _backend_rows(self, unit: _ListenerUnit) -> list[dict]:
         rows = unit.listener.proxy().backends().get(timeout=ASK_TIMEOUT)
         stats = pykka.get_all([ref.proxy().stats() for ref in unit.backends], timeout=ASK_TIMEOUT)
+        scores = unit.scorer.proxy().scores().get(timeout=ASK_TIMEOUT) if unit.scorer else None
         merged = []
-        for row, traffic in zip(rows, stats):
+        for i, (row, traffic) in enumerate(zip(rows, stats)):
             state = row["state"]
             merged.append({
                 "address": row["address"],
@@ -280,6 +319,8 @@ class Runtime:
                 "latency_ewma_ms": None if traffic["latency_ewma"] is None else round(traffic["latency_ewma"] * 1000, 3),
                 "requests_per_second": traffic["requests_per_second"],
             })
+            if scores is not None:
+                merged[-1]["score"] = scores[i]["score"]
         return merged
 
     def _set_draining(self, backend: str, drain: bool) -> dict:

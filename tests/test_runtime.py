@@ -53,3 +53,23 @@ def test_apply_starts_apps_and_shutdown_leaves_no_process_or_thread(tmp_path, ap
     wait_until(lambda: set(threading.enumerate()) <= threads_before, timeout=5,
                message=f"no thread left behind: {set(threading.enumerate()) - threads_before}")
 
+
+
+def balanced_config(tmp_path, app_script, lb_port: int, instances: int = 2, **listener) -> dict:
+    base = free_port_range(instances)
+    app = http_app_config(app_script, "web", instances, base)
+    app["health_check"] = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout": 1,
+                           "failure_threshold": 2}
+    return {"apps": [app], "load_balancer": {"port": lb_port, "host": "127.0.0.1", "apps": ["web"], **listener}}
+
+
+def test_a_request_through_the_runtime_reaches_each_backend(tmp_path, app_script, runtime):
+    lb_port = free_port()
+    runtime.apply(config(tmp_path, balanced_config(tmp_path, app_script, lb_port)))
+    wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
+    bodies = {get(lb_port)[1] for _ in range(4)}
+    assert len(bodies) == 2  # round robin reached both instances
+    assert all(status == 200 for status, _ in (get(lb_port) for _ in range(2)))
+    status = runtime.lb_status()
+    assert status[0]["port"] == lb_port and status[0]["backends_up"] == 2 and status[0]["backends_total"] == 2
+    wait_until(lambda: runtime.lb_stats()["requests"] >= 6, message="requests counted")
