@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import socket
 import threading
 from pathlib import Path
 
@@ -73,3 +74,87 @@ def test_a_request_through_the_runtime_reaches_each_backend(tmp_path, app_script
     status = runtime.lb_status()
     assert status[0]["port"] == lb_port and status[0]["backends_up"] == 2 and status[0]["backends_total"] == 2
     wait_until(lambda: runtime.lb_stats()["requests"] >= 6, message="requests counted")
+
+
+def test_a_taken_listener_port_is_a_clear_error_and_starts_nothing(tmp_path, app_script, runtime):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = balanced_config(tmp_path, app_script, free_port())
+        data["load_balancer"] = [data["load_balancer"], {**data["load_balancer"], "port": port}]
+        with pytest.raises(RuntimeError, match=rf"^load_balancer\[1\]\.port: port {port} is already in use$"):
+            runtime.apply(config(tmp_path, data))
+    assert runtime.supervisor.proxy().list().get() == []
+    assert runtime.lb_status() == []
+
+
+def test_drain_keeps_new_requests_off_a_backend_and_enable_brings_it_back(tmp_path, app_script, runtime):
+    lb_port = free_port()
+    runtime.apply(config(tmp_path, balanced_config(tmp_path, app_script, lb_port)))
+    wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
+    result = runtime.lb_drain("web-1")
+    assert [(b["instance"], b["state"]) for b in result["backends"]] == [("web-1", "draining")]
+    assert {get(lb_port)[1] for _ in range(6)} == {get(lb_port)[1]}  # one backend answers everything
+    assert [b["state"] for b in runtime.lb_backends()] == ["up", "draining"]
+    address = runtime.lb_backends()[1]["address"]
+    runtime.lb_enable(address)
+    assert len({get(lb_port)[1] for _ in range(4)}) == 2
+    with pytest.raises(ValueError, match="unknown backend 'web-7'.*web-0, web-1"):
+        runtime.lb_drain("web-7")
+
+
+def test_a_stopped_instance_leaves_the_pool_at_once(tmp_path, app_script, runtime):
+    lb_port = free_port()
+    runtime.apply(config(tmp_path, balanced_config(tmp_path, app_script, lb_port)))
+    wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
+    runtime.supervisor.proxy().stop("web-0").get()
+    wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["down", "up"], message="web-0 down")
+    assert {status for status, _ in (get(lb_port) for _ in range(5))} == {200}
+    runtime.supervisor.proxy().restart("web-0").get()
+    wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="web-0 back")
+
+
+def test_health_views_and_check_test(tmp_path, app_script, runtime):
+    lb_port = free_port()
+    runtime.apply(config(tmp_path, balanced_config(tmp_path, app_script, lb_port)))
+    wait_until(lambda: all(row["state"] == "up" for row in runtime.lb_health()), message="healthy")
+    rows = runtime.lb_health()
+    assert [row["instance"] for row in rows] == ["web-0", "web-1"]
+    assert all(row["last_check"] and row["consecutive_failures"] == 0 and row["last_error"] is None for row in rows)
+    runtime.supervisor.proxy().stop("web-1").get()
+    wait_until(lambda: runtime.lb_backends()[1]["state"] == "down", message="web-1 down")
+    results = runtime.lb_health_check_test()
+    assert [(r["instance"], r["ok"]) for r in results] == [("web-0", True), ("web-1", False)]
+    assert results[1]["error"] == "connection refused"
+
+
+def test_backend_failures_open_the_breaker_and_the_balancer_answers_503(tmp_path, app_script, runtime):
+    lb_port = free_port()
+    data = balanced_config(tmp_path, app_script, lb_port, instances=1,
+                           circuit_breaker={"enabled": True, "failure_threshold": 3, "recovery_timeout": 60000})
+    runtime.apply(config(tmp_path, data))
+    wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up")
+    assert [get(lb_port, "/status/500")[0] for _ in range(3)] == [500, 500, 500]
+    wait_until(lambda: runtime.lb_backends()[0]["state"] == "open", message="breaker open")
+    assert runtime.lb_backends()[0]["breaker"] == "open"
+    assert get(lb_port)[0] == 503
+
+
+def test_shutdown_with_listeners_leaves_no_process_or_thread(tmp_path, app_script):
+    threads_before = set(threading.enumerate())
+    rt = Runtime(tmp_path / "home")
+    lb_port = free_port()
+    try:
+        rt.apply(config(tmp_path, balanced_config(tmp_path, app_script, lb_port,
+                                                  circuit_breaker={"enabled": True},
+                                                  rate_limiting={"enabled": True, "requests_per_second": 100})))
+        wait_until(lambda: [b["state"] for b in rt.lb_backends()] == ["up", "up"], message="both backends up")
+        assert get(lb_port)[0] == 200
+    finally:
+        rt.shutdown()
+    assert descendants(os.getpid()) == []
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", lb_port), timeout=1).close()
+    wait_until(lambda: set(threading.enumerate()) <= threads_before, timeout=5,
+               message=f"no thread left behind: {set(threading.enumerate()) - threads_before}")
