@@ -50,7 +50,8 @@ class TokenBucket:
 class RateLimiter:
     """A global bucket plus one bucket per client IP, as the loop consults them per request.
 
-    `None` for a limit means unlimited for that bucket. The per-IP bucket is checked first, so a
+    `None` for a limit means unlimited for that bucket (a `burst_size` left out defaults to
+    `requests_per_second`, one second's worth). The per-IP bucket is checked first, so a
     client over its own limit is refused without draining the global bucket that other clients share.
     """
 
