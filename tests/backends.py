@@ -26,7 +26,7 @@ import socket
 import threading
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB
-WS_GUID = b"258EAFA5-E914-47A5-95CA-C5AB0DC11B65"
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def pattern_bytes(n: int) -> bytes:
@@ -83,6 +83,10 @@ class RecordingBackend:
     def stop(self) -> None:
         """Close the listening socket and every connection (the backend 'dies')."""
         self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); then connects are refused
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:
