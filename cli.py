@@ -60,8 +60,8 @@ from pathlib import Path
 from docopt import DocoptExit, docopt
 
 from net.control import EXIT_RUNTIME, EXIT_USAGE, CommandFailed, ControlClient, DaemonNotRunning
-from net.tables import (Column, MonitorView, format_bytes, format_duration, format_percent, render_pairs,
-                        render_table, use_colour)
+from net.tables import (Column, MonitorView, format_ago, format_bytes, format_duration, format_ms, format_percent,
+                        render_pairs, render_table, use_colour)
 
 DAEMON_START_TIMEOUT = 15.0  # seconds to wait for a freshly spawned daemon's socket
 KILL_TIMEOUT = 60.0  # seconds to wait for the daemon's pid to disappear after `kill`
@@ -84,9 +84,14 @@ def _error(message: str) -> None:
 
 
 def _scalar(value: object) -> str:
+    """A cell or value as text: nested data as compact JSON, floats with two decimals."""
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, default=str)
-    return value
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
 
 
 def _flatten(obj: dict, prefix: str = "") -> list[tuple[str, object]]:
@@ -102,12 +107,11 @@ def _flatten(obj: dict, prefix: str = "") -> list[tuple[str, object]]:
 
 
 def _table(rows: list[dict], preferred: list[Column], colour: bool) -> str:
-    """The preferred columns present in the rows, then any other keys the runtime added."""
+    """The preferred columns the rows have (--json shows every field); without any, every key."""
     present = {key for row in rows for key in row}
     columns = [column for column in preferred if column.key in present]
-    known = {column.key for column in columns}
-    extra = [key for row in rows for key in row if key not in known]
-    columns += [Column(key, key, format=_scalar) for key in dict.fromkeys(extra)]
+    if not columns:
+        columns = [Column(key, key, format=_scalar) for key in dict.fromkeys(k for row in rows for k in row)]
     return render_table(columns or preferred, rows, colour)
 
 
@@ -123,39 +127,70 @@ INSTANCE_COLUMNS = [
     Column("memory", "memory", align="right", format=format_bytes),
 ]
 LISTENER_COLUMNS = [
-    Column("listener", "name"),
     Column("host", "host"),
     Column("port", "port", align="right"),
     Column("type", "type"),
     Column("strategy", "strategy"),
+    Column("tls", "tls"),
     Column("up", "backends_up", align="right"),
     Column("total", "backends_total", align="right"),
+    Column("active", "active", align="right"),
     Column("req/s", "requests_per_second", align="right"),
 ]
 BACKEND_COLUMNS = [
     Column("address", "address"),
     Column("instance", "instance"),
-    Column("listener", "listener"),
+    Column("listener", "listener", align="right"),
     Column("state", "state", state=True),
     Column("weight", "weight", align="right"),
     Column("active", "active", align="right"),
     Column("breaker", "breaker", state=True),
+    Column("requests", "requests", align="right"),
+    Column("req/s", "requests_per_second", align="right"),
 ]
 HEALTH_COLUMNS = [
-    Column("address", "address"),
+    Column("backend", "backend"),
     Column("instance", "instance"),
+    Column("listener", "listener", align="right"),
     Column("state", "state", state=True),
-    Column("ok", "ok"),
-    Column("last check", "last_check"),
+    Column("last check", "last_check", align="right", format=format_ago),
     Column("failures", "consecutive_failures", align="right"),
-    Column("detail", "detail"),
+    Column("check", "check"),
+    Column("last error", "last_error"),
+]
+HEALTH_TEST_COLUMNS = [
+    Column("backend", "backend"),
+    Column("instance", "instance"),
+    Column("listener", "listener", align="right"),
+    Column("result", "result", state=True),
+    Column("check", "check"),
+    Column("error", "error"),
 ]
 TRAFFIC_COLUMNS = [
     Column("address", "address"),
     Column("instance", "instance"),
+    Column("listener", "listener", align="right"),
+    Column("requests 1m", "requests_last_minute", align="right"),
+    Column("share 1m", "share_last_minute", align="right", format=format_percent),
+    Column("requests", "requests_total", align="right"),
+    Column("share", "share_total", align="right", format=format_percent),
+]
+STATS_LISTENER_COLUMNS = [
+    Column("port", "port", align="right"),
+    Column("type", "type"),
+    Column("requests", "requests", align="right"),
+    Column("errors", "errors", align="right"),
+    Column("p50", "p50", align="right", format=format_ms),
+    Column("p95", "p95", align="right", format=format_ms),
+    Column("p99", "p99", align="right", format=format_ms),
+    Column("req/s", "requests_per_second", align="right"),
+]
+DRAIN_COLUMNS = [
+    Column("address", "address"),
+    Column("instance", "instance"),
+    Column("listener", "listener", align="right"),
     Column("state", "state", state=True),
 ]
-# Only the fields not all the `lb` tables share are left to the generic columns.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,8 +488,37 @@ cmd_lb_traffic = _lb_table("lb_traffic", TRAFFIC_COLUMNS)
 
 
 def cmd_lb_stats(args: dict, client: ControlClient) -> int:
-    _print_result(client.call("lb_stats"), args["--json"])
+    stats = client.call("lb_stats")
+    if args["--json"]:
+        _print_json(stats)
+    else:
+        print(render_stats(stats, use_colour(sys.stdout)))
     return 0
+
+
+def render_stats(stats: dict, colour: bool) -> str:
+    """Totals as key/value lines, then one row per listener."""
+    responses = stats.get("responses") or {}
+    latency = stats.get("latency_ms") or {}
+    errors_by_kind = {kind: n for kind, n in (stats.get("errors_by_kind") or {}).items() if n}
+    errors = stats.get("errors")
+    if errors_by_kind:
+        errors = f"{errors} ({', '.join(f'{kind} {n}' for kind, n in errors_by_kind.items())})"
+    pairs = [
+        ("requests", stats.get("requests")),
+        ("responses", "  ".join(f"{cls} {n}" for cls, n in responses.items()) or None),
+        ("errors", errors),
+        ("bytes in/out", f"{format_bytes(stats.get('bytes_in') or 0)} / {format_bytes(stats.get('bytes_out') or 0)}"),
+        ("latency", "  ".join(f"{q} {format_ms(latency[q])}" for q in ("p50", "p95", "p99") if latency.get(q) is not None)
+         or None),
+        ("requests/s", None if stats.get("requests_per_second") is None else f"{stats['requests_per_second']:.2f}"),
+        ("active connections", stats.get("active_connections")),
+    ]
+    listeners = [dict(row, **(row.get("latency_ms") or {})) for row in stats.get("listeners") or []]
+    text = render_pairs(pairs)
+    if listeners:
+        text += "\n\n" + render_table(STATS_LISTENER_COLUMNS, listeners, colour)
+    return text
 
 
 def cmd_lb_config(args: dict, client: ControlClient) -> int:
@@ -471,7 +535,8 @@ def cmd_lb_health_check(args: dict, client: ControlClient) -> int:
     if args["--json"]:
         _print_json(results)
     else:
-        print(_table(results, HEALTH_COLUMNS, use_colour(sys.stdout)))
+        rows = [dict(row, result="pass" if row.get("ok") else "fail") for row in results]
+        print(render_table(HEALTH_TEST_COLUMNS, rows, use_colour(sys.stdout), empty="no health checks configured"))
     failed = [row for row in results if not row.get("ok")]
     if failed and not args["--json"]:
         _error(f"{len(failed)} of {len(results)} health check(s) failed")
@@ -487,16 +552,21 @@ def cmd_lb_metrics(args: dict, client: ControlClient) -> int:
     return 0
 
 
-def _lb_backend_cmd(cmd: str):
+def _lb_backend_cmd(cmd: str, past: str):
     def command(args: dict, client: ControlClient) -> int:
-        _print_result(client.call(cmd, {"backend": args["<backend>"]}), args["--json"])
+        result = client.call(cmd, {"backend": args["<backend>"]})
+        if args["--json"]:
+            _print_json(result)
+        else:
+            print(f"{past} {args['<backend>']}:")
+            print(render_table(DRAIN_COLUMNS, result.get("backends") or [], use_colour(sys.stdout)))
         return 0
     command.__name__ = f"cmd_{cmd}"
     return command
 
 
-cmd_lb_drain = _lb_backend_cmd("lb_drain")
-cmd_lb_enable = _lb_backend_cmd("lb_enable")
+cmd_lb_drain = _lb_backend_cmd("lb_drain", "draining")
+cmd_lb_enable = _lb_backend_cmd("lb_enable", "enabled")
 
 
 def cmd_lb_export(args: dict, client: ControlClient) -> int:

@@ -269,7 +269,10 @@ class ControlServer:
         except Exception as exc:
             if _is_config_error(exc):
                 return encode_error(str(exc), EXIT_USAGE), None
-            log.exception("command %r failed", cmd)
+            if isinstance(exc, (ValueError, LookupError, RuntimeError, OSError)):
+                log.warning("command %r failed: %s", cmd, exc)  # an operator error: no traceback needed
+            else:
+                log.exception("command %r failed", cmd)
             return encode_error(str(exc) or type(exc).__name__, EXIT_RUNTIME), None
         return encode_result(result), after_send
 
@@ -497,10 +500,16 @@ class Daemon:
 
     def _cmd_lb_monitor(self, _args: dict) -> dict:
         """One frame of `lb monitor`: listeners, totals, traffic shares and backends in one answer."""
-        frame = {"time": time.time()}
+        frame: dict = {"time": time.time(), "unavailable": {}}
         for key in ("status", "stats", "traffic", "backends"):
             method = getattr(self.runtime, f"lb_{key}", None)
-            frame[key] = method() if method is not None else None
+            try:
+                if method is None:
+                    raise RuntimeError(f"not available in this build (no Runtime.lb_{key})")
+                frame[key] = method()
+            except RuntimeError as exc:  # e.g. no load balancer runs: the other parts still show
+                frame[key] = None
+                frame["unavailable"][key] = str(exc)
         return frame
 
     def _kill(self) -> dict:

@@ -107,6 +107,11 @@ def format_percent(value: object) -> str:
     return f"{float(value):.1f}%"
 
 
+def format_ago(timestamp: object) -> str:
+    """A wall-clock timestamp (time.time()) as '3s ago'."""
+    return f"{format_duration(max(0.0, time.time() - float(timestamp)))} ago"
+
+
 def format_ms(value: object) -> str:
     return f"{float(value):.1f} ms"
 
@@ -115,9 +120,9 @@ class MonitorView:
     """Renders the frames of `pmdaemon lb monitor`: rates, latency, each backend's share and state.
 
     A frame is the daemon's `lb_monitor` answer ({"time", "status", "stats", "traffic",
-    "backends"}; a part the runtime cannot give yet is null). Requests per second are the change in
-    the request total between two frames, so the view keeps the previous frame; the first frame
-    shows the listeners' own rates.
+    "backends", "unavailable"}; a part the runtime cannot give is null and "unavailable" says why).
+    Requests per second are the change in the request total between two frames, so the view keeps
+    the previous frame; the first frame shows the daemon's own recent rate.
     """
 
     def __init__(self, interval: float):
@@ -139,13 +144,14 @@ class MonitorView:
              or None),
         ]))
         lines.append("")
+        unavailable = frame.get("unavailable") or {}
         if listeners is None:
-            lines.append("listeners: not available in this build")
+            lines.append(f"listeners: {unavailable.get('status', 'not available')}")
         else:
             lines.append(render_table(_MONITOR_LISTENER_COLUMNS, listeners, colour, empty="no listeners"))
         lines.append("")
         if backends is None:
-            lines.append("backends: not available in this build")
+            lines.append(f"backends: {unavailable.get('backends', 'not available')}")
         else:
             shares = {row.get("address"): row for row in frame.get("traffic") or []}
             rows = [dict(backend, **_share_columns(shares.get(backend.get("address"), {}))) for backend in backends]
@@ -161,22 +167,20 @@ class MonitorView:
             elapsed = frame.get("time", 0) - previous.get("time", 0)
             if before_total is not None and elapsed > 0:
                 return max(0.0, (now_total - before_total) / elapsed)
+        recent = (frame.get("stats") or {}).get("requests_per_second")
+        if recent is not None:
+            return float(recent)
         return float(sum(row.get("requests_per_second") or 0 for row in frame.get("status") or []))
 
 
 def _share_columns(traffic_row: Mapping) -> dict:
-    """The two traffic shares (fractions 0..1 or percentages) a backend row shows."""
+    """The two traffic shares (percentages) a backend row shows."""
     return {"share_minute": traffic_row.get("share_last_minute"), "share_total": traffic_row.get("share_total")}
 
 
-def _format_share(value: object) -> str:
-    value = float(value)
-    return format_percent(value * 100 if value <= 1 else value)
-
-
 _MONITOR_LISTENER_COLUMNS = [
-    Column("listener", "name"),
     Column("port", "port", align="right"),
+    Column("type", "type"),
     Column("strategy", "strategy"),
     Column("up", "backends_up", align="right"),
     Column("total", "backends_total", align="right"),
@@ -187,6 +191,6 @@ _MONITOR_BACKEND_COLUMNS = [
     Column("instance", "instance"),
     Column("state", "state", state=True),
     Column("active", "active", align="right"),
-    Column("share 1m", "share_minute", align="right", format=_format_share),
-    Column("share all", "share_total", align="right", format=_format_share),
+    Column("share 1m", "share_minute", align="right", format=format_percent),
+    Column("share all", "share_total", align="right", format=format_percent),
 ]

@@ -17,8 +17,8 @@ Plain helpers (import them: `from conftest import free_port, write_config`):
 - `free_port()` / `free_port_range(n)`: ports nobody listens on (n consecutive ones for
   `increment_var` apps).
 - `wait_until(predicate, timeout)`: poll until truthy or fail the test.
-- `app_script`: a small HTTP app (examples/apps/server.py once it exists) that listens on $PORT
-  and answers its instance name; `GET /health` answers 200.
+- `app_script`: examples/apps/server.py, the example HTTP app: listens on $PORT, answers
+  "instance <i> port <port>", `GET /health` answers 200.
 - `descendants(pid)` / `process_alive(pid)`: live (non-zombie) descendants of a process, for "nothing left behind" checks.
 """
 from __future__ import annotations
@@ -39,31 +39,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cli"]
 DEFAULT_TIMEOUT = 30.0
-
-# Used while examples/apps/server.py does not exist yet: the same contract, minimal.
-_FALLBACK_APP = '''\
-import os, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-NAME = os.environ.get("PMDAEMON_TEST_NAME", "app") + "-" + os.environ.get("PM2_INSTANCE_ID", "0")
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = (b"ok\\n" if self.path.startswith("/health") else NAME.encode() + b"\\n")
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-
-server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
-print(f"{NAME} listening on {server.server_port}", flush=True)
-print(f"{NAME} stderr line", file=sys.stderr, flush=True)
-server.serve_forever()
-'''
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -151,8 +126,13 @@ def daemon_pid(home: Path) -> int | None:
 
 
 def _env(home: Path, extra: dict | None = None) -> dict:
+    """The test's environment with PMDAEMON_HOME and NO_COLOR set; `extra` values of None unset a variable."""
     env = dict(os.environ, PMDAEMON_HOME=str(home), NO_COLOR="1")
-    env.update(extra or {})
+    for name, value in (extra or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return env
 
 
@@ -166,6 +146,10 @@ class PmdaemonRunner:
                  input: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run(CLI + [str(arg) for arg in args], env=_env(self.home, env), cwd=REPO,
                               capture_output=True, text=True, timeout=timeout, input=input)
+
+    def env(self, extra: dict | None = None) -> dict:
+        """The environment the runner gives the CLI (for tests that spawn it themselves)."""
+        return _env(self.home, extra)
 
     def json(self, *args: str, timeout: float = DEFAULT_TIMEOUT):
         """Run with --json, assert exit 0 and return the parsed stdout."""
@@ -256,18 +240,13 @@ def foreground_daemon(pmdaemon_home, tmp_path):
 
 
 @pytest.fixture
-def app_script(tmp_path) -> Path:
-    example = REPO / "examples" / "apps" / "server.py"
-    if example.exists():
-        return example
-    path = tmp_path / "tiny_app.py"
-    path.write_text(_FALLBACK_APP)
-    return path
+def app_script() -> Path:
+    return REPO / "examples" / "apps" / "server.py"
 
 
 def http_app_config(script: Path, name: str, instances: int, base_port: int, **extra) -> dict:
     """One app entry: `instances` copies of `script`, instance i on base_port + i (PORT)."""
     app = {"name": name, "script": str(script), "instances": instances, "increment_var": "PORT",
-           "env": {"PORT": base_port, "PMDAEMON_TEST_NAME": name}, "min_uptime": 200, "kill_timeout": 1000}
+           "env": {"PORT": base_port}, "min_uptime": 200, "kill_timeout": 1000}
     app.update(extra)
     return app
