@@ -7,8 +7,8 @@ Theory of operation, per rule (`RuleTracker`, a plain class):
 - firing  --condition no longer holds-->       ok: one "resolved" notification
 A tick whose values lack the rule's metric (no answer from the metrics) changes nothing.
 
-Values come from a callable `values(listener_index) -> dict` (the `ALERT_METRICS` of
-`net/metrics.py`), called on the Alerter's thread; `values_from(metrics_ref)` makes one that asks
+Values come from a callable `values(listener_index) -> dict` (keyed by the metric names of
+`net/alertrule.py`, as `MetricsActor.alert_values` answers), called on the Alerter's thread; `values_from(metrics_ref)` makes one that asks
 the MetricsActor. The Alerter asks for the listener's current index at every tick, so a reload that
 moves the listener needs only `reconfigure(listener)`.
 

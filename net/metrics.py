@@ -66,13 +66,6 @@ ERROR_KINDS = (
 # Refusals of a client's own request: they are counted as errors but are not the service failing,
 # so they stay out of `error_rate`.
 CLIENT_ERROR_KINDS = frozenset({"lb_4xx", "rate_limited"})
-SWITCHES = ("requests_per_second", "response_times", "error_rates", "backend_health", "connection_counts")
-# What `alert_values()` answers: the metrics an alert rule may name (net/alertrule.py parses them).
-ALERT_METRICS = (
-    "error_rate", "healthy_backends", "unhealthy_backends", "requests_per_second",
-    "p50_response_time", "p95_response_time", "p99_response_time",
-    "active_connections", "open_circuits",
-)
 CODE_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")  # index = status // 100, 0 = no status
 RATE_WINDOW = 10  # seconds behind requests_per_second
 RECENT_WINDOW = 60  # seconds behind traffic shares, error_rate and the response time quantiles
@@ -382,10 +375,7 @@ class LoadBalancerMetrics:
             "requests": sum(s["requests"] for s in per_listener),
             "responses": {name: sum(s["responses"][name] for s in per_listener) for name in CODE_CLASSES[1:]},
             "errors": sum(s["errors"] for s in per_listener),
-            "errors_by_kind": {
-                kind: sum(s["errors_by_kind"].get(kind, 0) for s in per_listener)
-                for kind in _union(s["errors_by_kind"] for s in per_listener)
-            },
+            "errors_by_kind": _sum_by_key(s["errors_by_kind"] for s in per_listener),
             "bytes_in": sum(s["bytes_in"] for s in per_listener),
             "bytes_out": sum(s["bytes_out"] for s in per_listener),
             "latency_ms": _latency_ms(merged),
@@ -437,7 +427,7 @@ class LoadBalancerMetrics:
         return {index: round(series.rate(now), 3) for index, series in self._sorted()}
 
     def alert_values(self, listener_index: int, now: float) -> dict:
-        """The ALERT_METRICS of one listener; {} for an unknown listener.
+        """One listener's values for the metrics alert rules name (net/alertrule.py METRICS); {} if unknown.
 
         error_rate (percent of requests that failed: 5xx or a server-side error kind) and the
         response time quantiles (seconds) cover the last RECENT_WINDOW seconds, so they recover
@@ -558,8 +548,9 @@ def _percent(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 2) if whole else 0.0
 
 
-def _union(dicts: Iterable[dict]) -> list[str]:
-    keys: dict[str, None] = {}
-    for d in dicts:
-        keys.update(dict.fromkeys(d))
-    return list(keys)
+def _sum_by_key(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for d in counts:
+        for key, n in d.items():
+            total[key] = total.get(key, 0) + n
+    return total

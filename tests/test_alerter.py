@@ -14,7 +14,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pykka
 import pytest
 
-from actors.alerter import FIRING, RESOLVED, Alerter, DeliveryPolicy, RuleTracker, values_from
+from actors.alerter import (
+    FIRING,
+    RESOLVED,
+    Alerter,
+    DeliveryPolicy,
+    Notification,
+    PermanentFailure,
+    RuleTracker,
+    send_email,
+    values_from,
+)
 from actors.metrics import MetricsActor
 from net.config import AlertRule, AlertsConfig, BackendConfig, ListenerConfig, SmtpConfig
 
@@ -276,3 +286,11 @@ def test_email_over_starttls(monkeypatch, tmp_path):
     finally:
         pykka.ActorRegistry.stop_all()
         controller.stop()
+
+
+def test_a_missing_password_variable_is_a_clear_error_naming_the_variable(monkeypatch):
+    monkeypatch.delenv("PMDAEMON_TEST_UNSET_PASSWORD", raising=False)
+    smtp = SmtpConfig(host="127.0.0.1", port=free_port(), username="alerts", password_env="PMDAEMON_TEST_UNSET_PASSWORD")
+    r = rule(action="email", recipients=("admin@example.test",))
+    with pytest.raises(PermanentFailure, match="PMDAEMON_TEST_UNSET_PASSWORD"):
+        send_email(smtp, r.recipients, Notification(r, FIRING, 1, time.time(), listener(r)), timeout=1.0)

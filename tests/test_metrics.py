@@ -2,6 +2,7 @@
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from net.alertrule import METRICS as ALERT_METRICS
 from net.config import BackendConfig, ListenerConfig, MonitoringConfig
 from net.metrics import (
     LATENCY_BUCKETS,
@@ -173,6 +174,7 @@ def test_alert_values_count_backends_and_failures():
     assert 0 < v["p50_response_time"] <= v["p95_response_time"] <= v["p99_response_time"]
     assert v["requests_per_second"] > 0
     assert m.alert_values(3, now=100.0) == {}
+    assert set(v) == set(ALERT_METRICS)  # every metric a rule may name has a value
 
 
 def test_alert_values_recover_once_failures_age_out():

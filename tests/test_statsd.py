@@ -1,7 +1,6 @@
 """statsd encoding (pure) and the MetricsActor pushing it to a real UDP socket on 127.0.0.1."""
 import random
 import socket
-import time
 
 import pykka
 import pytest
