@@ -20,7 +20,8 @@ Use (the Runtime wires it):
     proxy.stats().get(); proxy.traffic().get(); proxy.status_rates().get()
     proxy.render_prometheus(detailed).get(); proxy.samples(detailed).get()
     proxy.alert_values(listener_index).get(); proxy.reconfigure(new_listeners)
-    proxy.prometheus_urls().get()       # where the endpoints are actually bound
+    proxy.prometheus_urls().get()       # where the endpoints are bound (after on_start: any answered
+                                        # ask means they are); a port that cannot be bound is logged
 """
 from __future__ import annotations
 
