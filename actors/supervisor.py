@@ -338,6 +338,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
                 kill_and_reap(p for p in instance.tree.values() if p.pid != instance.process.pid)
         elif isinstance(message, _SampleTick):
             self._enforce_memory_limits()
+            self._reap_adopted_zombies()
             self._watcher.call_later(self._sample_interval, lambda: self._tell_self(_SampleTick()))
 
     def _on_child_exited(self, message: _ChildExited) -> None:
@@ -527,6 +528,21 @@ class ProcessSupervisor(pykka.ThreadingActor):
                 self._note(instance, f"memory {memory} bytes over max_memory_restart {limit} bytes: restarting")
                 self._request_restart(instance)
 
+    def _reap_adopted_zombies(self) -> None:
+        """Reap exited orphans of running instances that were re-parented to us (we are their subreaper).
+
+        Only members of a running instance's process group: a zombie child of any other origin may
+        belong to a `subprocess.Popen` elsewhere in this process, which must reap it itself.
+        """
+        leaders = {i.process.pid for i in self._instances.values() if i.process is not None}
+        for child in psutil.Process().children():
+            try:
+                if (child.pid not in leaders and child.status() == psutil.STATUS_ZOMBIE
+                        and os.getpgid(child.pid) in leaders):
+                    os.waitpid(child.pid, os.WNOHANG)
+            except (OSError, psutil.Error):
+                pass
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _signal_group(self, instance: _Instance, signum: int) -> None:
@@ -544,7 +560,8 @@ class ProcessSupervisor(pykka.ThreadingActor):
             return False
 
     def _select(self, target: str) -> list[_Instance]:
-        ordered = self._ordered()
+        """The instances `target` names (an app, an instance or "all"), leaving out those being deleted."""
+        ordered = [i for i in self._ordered() if i.goal != REMOVE]
         if target == "all":
             return ordered
         selected = [i for i in ordered if i.spec.app == target] or [i for i in ordered if i.name == target]

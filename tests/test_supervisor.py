@@ -252,6 +252,13 @@ def test_stop_all_waits_until_every_process_is_gone(supervisor, tmp_path):
     assert {r["status"] for r in supervisor.list().get()} == {"stopped"}
 
 
+def test_orphans_of_a_running_instance_are_reaped(supervisor):
+    supervisor.start_app(app_config("orph", TEST_APPS / "orphaner.py")).get()
+    leader = row(supervisor, "orph-0")["pid"]
+    wait_until(lambda: any(c.pid != leader for c in psutil.Process().children()), message="the orphan adopted")
+    wait_until(lambda: [c.pid for c in psutil.Process().children()] == [leader], message="the orphan reaped")
+
+
 def test_stopping_the_actor_stops_its_processes(home, tmp_path):
     try:
         supervisor = ProcessSupervisor.start(home).proxy()
