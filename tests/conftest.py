@@ -19,6 +19,7 @@ Plain helpers (import them: `from conftest import free_port, write_config`):
 - `wait_until(predicate, timeout)`: poll until truthy or fail the test.
 - `app_script`: examples/apps/server.py, the example HTTP app: listens on $PORT, answers
   "instance <i> port <port>", `GET /health` answers 200.
+- `processes_of_home(home)`: every live process started for that home, orphans included.
 - `descendants(pid)` / `process_alive(pid)`: live (non-zombie) descendants of a process, for "nothing left behind" checks.
 """
 from __future__ import annotations
@@ -85,6 +86,20 @@ def descendants(pid: int) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+def processes_of_home(home: Path) -> list[psutil.Process]:
+    """Live processes started for this PMDAEMON_HOME (the CLI passes it on to the daemon and the daemon
+    to every instance), whoever their parent is now: catches orphans a crashed daemon left."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.status() != psutil.STATUS_ZOMBIE \
+                    and process.environ().get("PMDAEMON_HOME") == str(home):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
 
 
 def process_alive(pid: int) -> bool:

@@ -7,14 +7,15 @@ import json
 import os
 import pty
 import shutil
+import signal
+import socket
 import subprocess
 
-import psutil
 import pytest
 
 from actors.runtime import Runtime
-from conftest import (CLI, REPO, daemon_pid, free_port, free_port_range, http_app_config, process_alive, wait_until,
-                      write_config)
+from conftest import (CLI, REPO, daemon_pid, free_port, free_port_range, http_app_config, process_alive,
+                      processes_of_home, wait_until, write_config)
 from net.control import socket_path
 from net.tables import Column, MonitorView, format_bytes, format_duration, render_table, use_colour
 
@@ -44,6 +45,11 @@ def _run_in_terminal(pmdaemon, *args: str, env: dict | None = None, timeout: flo
         output += chunk
     os.close(master)
     return process.wait(timeout), output.decode()
+
+
+def _needs(*methods: str):
+    missing = [m for m in methods if not hasattr(Runtime, m)]
+    return pytest.mark.skipif(bool(missing), reason=f"Runtime lacks {', '.join(missing)} in this build")
 
 
 @pytest.fixture
@@ -97,7 +103,7 @@ def test_invalid_config_exits_2_names_the_json_path_and_starts_nothing(pmdaemon,
         assert "round_robin" in result.stderr  # the suggested fix
     assert daemon_pid(pmdaemon_home) is None
     assert not socket_path(pmdaemon_home).exists()
-    assert not [p for p in psutil.process_iter(["cmdline"]) if str(script) in " ".join(p.info["cmdline"] or [])]
+    assert processes_of_home(pmdaemon_home) == []
 
 
 def test_validate_json_reports_the_error_too(pmdaemon, invalid_config):
@@ -264,12 +270,79 @@ def test_foreground_daemon_serves_the_cli_and_kill_ends_it(foreground_daemon, pm
     assert daemon.process.wait(10) == 0
 
 
+@pytest.mark.timeout(90)
+def test_a_taken_listener_port_fails_start_and_leaves_nothing_behind(pmdaemon, pmdaemon_home, tmp_path, app_script):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        config = write_config(tmp_path, {"apps": [http_app_config(app_script, "web", 2, free_port_range(2))],
+                                         "load_balancer": {"host": "127.0.0.1", "port": port, "apps": ["web"]}})
+        for command in (["start", config], ["start", config, "--no-daemon"]):
+            result = pmdaemon(*command)
+            assert result.returncode == 1, result
+            assert f"port {port} is already in use" in result.stderr
+            assert daemon_pid(pmdaemon_home) is None  # the daemon started for this config is gone too
+            assert processes_of_home(pmdaemon_home) == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_daemon_exits_0_on_sigint_and_sigterm(foreground_daemon, pmdaemon, web_config, signum):
+    config, _ = web_config
+    daemon = foreground_daemon(config)
+    pids = [row["pid"] for row in _online(pmdaemon, 3)]
+    daemon.process.send_signal(signum)
+    assert daemon.process.wait(20) == 0
+    assert not any(process_alive(pid) for pid in pids)
+    assert pmdaemon.json("list") == []
+
+
+# -- scale and reload -----------------------------------------------------------------------------
+
+
+@_needs("scale")
+@pytest.mark.timeout(90)
+def test_scale_up_and_down(pmdaemon, web_config):
+    config, base = web_config
+    assert pmdaemon("start", config).returncode == 0
+    _online(pmdaemon, 3)
+    assert pmdaemon("scale", "web", "5").returncode == 0
+    rows = _online(pmdaemon, 5)
+    assert [row["port"] for row in rows] == [base + i for i in range(5)]
+    assert pmdaemon("scale", "web", "1").returncode == 0
+    rows = wait_until(lambda: (lambda r: r if len(r) == 1 else None)(pmdaemon.json("list")), 20,
+                      message="scale down to one instance")
+    assert rows[0]["name"] == "web-0"  # the highest-numbered go first
+    unknown = pmdaemon("scale", "nope", "2")
+    assert unknown.returncode == 1 and "nope" in unknown.stderr
+
+
+@_needs("reload_app")
+@pytest.mark.timeout(120)
+def test_reload_restarts_every_instance(pmdaemon, web_config):
+    config, _ = web_config
+    assert pmdaemon("start", config).returncode == 0
+    before = {row["name"]: row["pid"] for row in _online(pmdaemon, 3)}
+    result = pmdaemon("reload", "web", timeout=90)
+    assert result.returncode == 0, result.stderr
+    after = _online(pmdaemon, 3)
+    assert all(row["pid"] != before[row["name"]] for row in after)
+
+
+@_needs("reload_config")
+@pytest.mark.timeout(90)
+def test_reload_config_refuses_an_invalid_config_whole(pmdaemon, web_config, invalid_config):
+    config, _ = web_config
+    assert pmdaemon("start", config).returncode == 0
+    before = _online(pmdaemon, 3)
+    bad, _ = invalid_config
+    result = pmdaemon("reload", f"--config={bad}")
+    assert result.returncode == 2 and "apps[0].load_balancer.strategy" in result.stderr
+    assert [(row["name"], row["pid"]) for row in pmdaemon.json("list")] == [(r["name"], r["pid"]) for r in before]
+
+
 # -- lb commands ----------------------------------------------------------------------------------
-
-
-def _needs(*methods: str):
-    missing = [m for m in methods if not hasattr(Runtime, m)]
-    return pytest.mark.skipif(bool(missing), reason=f"Runtime lacks {', '.join(missing)} in this build")
 
 
 @pytest.fixture
@@ -370,6 +443,32 @@ def test_lb_monitor_on_a_terminal_clears_the_screen_and_restores_it(pmdaemon, ba
     assert status == 0
     assert output.count("\x1b[H\x1b[2J") == 2
     assert output.startswith("\x1b[?1049h") and output.rstrip().endswith("\x1b[?1049l")
+
+
+def test_lb_monitor_restores_the_terminal_on_ctrl_c(pmdaemon, balanced):
+    master, slave = pty.openpty()
+    process = subprocess.Popen(CLI + ["lb", "monitor", "--interval=0.1"], env=pmdaemon.env(), cwd=REPO,
+                               stdout=slave, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    output = b""
+    try:
+        while output.count(b"pmdaemon lb monitor") < 2:
+            output += os.read(master, 65536)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+    assert output.rstrip().endswith(b"\x1b[?25h\x1b[?1049l")
 
 
 # -- colour ---------------------------------------------------------------------------------------

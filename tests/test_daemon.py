@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import (REPO, daemon_pid, descendants, free_port_range, http_app_config, process_alive, wait_until,
-                      write_config)
+from conftest import (REPO, daemon_pid, descendants, free_port_range, http_app_config, process_alive,
+                      processes_of_home, wait_until, write_config)
 from net.control import (MAX_MESSAGE_SIZE, PROTOCOL_VERSION, CommandFailed, ControlClient, DaemonNotRunning,
                          LineBuffer, ProtocolError, decode_request, decode_response, encode_error, encode_request,
                          encode_result, socket_path)
@@ -270,8 +270,9 @@ def test_foreground_daemon_stops_everything_on_sigterm(foreground_daemon, family
     _online(pmdaemon, 2)
     family = _wait_for_grandchildren(daemon.pid, 4)  # 2 instances + their 2 `sleep` children
     assert daemon.stop() == 0
-    wait_until(lambda: not any(process.is_running() and process_alive(process.pid) for process in family),
+    wait_until(lambda: not any(process_alive(process.pid) for process in family),
                10, message="every instance and grandchild to exit")
+    assert processes_of_home(daemon.home) == []
     assert not socket_path(daemon.home).exists()
 
 
@@ -288,6 +289,7 @@ def test_kill_of_a_detached_daemon_leaves_no_process_behind(pmdaemon, pmdaemon_h
     assert not process_alive(pid)
     wait_until(lambda: not any(process_alive(process.pid) for process in family), 10,
                message="every instance and grandchild to exit")
+    assert processes_of_home(pmdaemon_home) == []
 
 
 @pytest.mark.timeout(90)
