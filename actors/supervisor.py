@@ -258,14 +258,14 @@ class ProcessSupervisor(pykka.ThreadingActor):
 
     def list(self) -> list[dict]:
         """One row per instance: name, app, status, pid, port, uptime (s), restarts, cpu (%), memory (bytes), error."""
-        rows = []
+        rows, children = [], _children_by_parent()
         for instance in self._ordered():
-            processes = self._sample_tree(instance)
             cpu, memory = 0.0, 0
-            for process in processes:
+            for process in self._sample_tree(instance, children):
                 try:
-                    cpu += process.cpu_percent(None)
-                    memory += process.memory_info().rss
+                    with process.oneshot():
+                        cpu += process.cpu_percent(None)
+                        memory += process.memory_info().rss
                 except psutil.Error:
                     pass
             running = instance.process is not None
@@ -500,26 +500,36 @@ class ProcessSupervisor(pykka.ThreadingActor):
 
     # -- resources ------------------------------------------------------------------------------
 
-    def _sample_tree(self, instance: _Instance) -> list[psutil.Process]:
-        """The instance's live process tree, reusing the psutil objects seen before (cpu_percent needs them)."""
+    def _sample_tree(self, instance: _Instance, children: dict[int, list[int]] | None = None) -> list[psutil.Process]:
+        """The instance's live process tree (leader first), reusing the psutil objects seen before
+        (cpu_percent measures between two calls on the same object).
+
+        `children` is a `_children_by_parent()` map; callers sampling many instances make it once,
+        as one pass over /proc instead of one per instance.
+        """
         if instance.process is None:
             return []
-        previous = instance.tree
-        try:
-            leader = previous.get(instance.process.pid) or psutil.Process(instance.process.pid)
-            processes = [leader, *leader.children(recursive=True)]
-        except psutil.Error:
-            return []
-        instance.tree = {p.pid: previous.get(p.pid, p) for p in processes}
-        return list(instance.tree.values())
+        children = _children_by_parent() if children is None else children
+        previous, tree = instance.tree, {}
+        pending = [instance.process.pid]
+        while pending:
+            pid = pending.pop()
+            try:
+                tree[pid] = previous.get(pid) or psutil.Process(pid)
+            except psutil.Error:
+                continue
+            pending.extend(children.get(pid, ()))
+        instance.tree = tree
+        return list(tree.values())
 
     def _enforce_memory_limits(self) -> None:
+        children = _children_by_parent()
         for instance in self._ordered():
             limit = instance.app.max_memory_restart
             if instance.status != ONLINE or not limit:
                 continue
             memory = 0
-            for process in self._sample_tree(instance):
+            for process in self._sample_tree(instance, children):
                 try:
                     memory += process.memory_info().rss
                 except psutil.Error:
@@ -615,6 +625,14 @@ class ProcessSupervisor(pykka.ThreadingActor):
             self.actor_ref.tell(message)
         except pykka.ActorDeadError:
             pass
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    """pid -> pids of its children, for every process, from one pass over /proc."""
+    children: dict[int, list[int]] = {}
+    for process in psutil.process_iter(["ppid"]):
+        children.setdefault(process.info["ppid"], []).append(process.pid)
+    return children
 
 
 def _port_in_use(port: int) -> bool:
