@@ -79,6 +79,10 @@ def _print_json(document: object) -> None:
     print(json.dumps(document, indent=2, default=str))
 
 
+def _os_error_text(exc: OSError) -> str:
+    return f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+
+
 def _error(message: str) -> None:
     print(f"pmdaemon: {message}", file=sys.stderr)
 
@@ -289,6 +293,9 @@ def _run_foreground(config, as_json: bool) -> int:
         daemon.acquire()
     except AlreadyRunning as exc:
         _error(str(exc))
+        return EXIT_RUNTIME
+    except OSError as exc:
+        _error(_os_error_text(exc))
         return EXIT_RUNTIME
     daemon.install_signal_handlers()
     try:
@@ -644,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     except CommandFailed as exc:
         _error(str(exc))
         return exc.exit
+    except OSError as exc:  # e.g. PMDAEMON_HOME not writable
+        _error(_os_error_text(exc))
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `pmdaemon lb metrics | head`

@@ -47,6 +47,7 @@ log = logging.getLogger("pmdaemon.daemon")
 
 MAX_CONNECTIONS = 32  # concurrent control connections; more are answered "busy" and closed
 IDLE_TIMEOUT = 30.0  # seconds a control connection may stay silent before it is closed
+MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 ASK_TIMEOUT = 120.0  # seconds to wait for a supervisor answer (a stop waits for kill_timeout)
 
 
@@ -134,6 +135,9 @@ class ControlServer:
 
     def bind(self) -> None:
         """Bind under umask 077 (the socket file is created 0600), replacing a stale socket file."""
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise OSError(errno.ENAMETOOLONG, f"the control socket path {self.path} is longer than the "
+                          f"{MAX_SOCKET_PATH} bytes a Unix socket allows; use a shorter PMDAEMON_HOME")
         if self.path.exists() or self.path.is_symlink():
             self._remove_stale_socket()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -331,8 +335,14 @@ class Daemon:
                                  f"adds a config to it), stop it with `pmdaemon kill`, or use another "
                                  f"PMDAEMON_HOME") from None
         self._lock_fd = fd
-        self._server = ControlServer(self.paths.socket, self.handle)
-        self._server.bind()
+        try:
+            server = ControlServer(self.paths.socket, self.handle)
+            server.bind()
+        except BaseException:
+            os.close(fd)
+            self._lock_fd = None
+            raise
+        self._server = server
         self.paths.pid_file.write_text(f"{os.getpid()}\n")
 
     def start(self, config=None) -> dict | None:

@@ -166,6 +166,8 @@ class ControlClient:
             except PermissionError as exc:
                 raise CommandFailed(f"cannot reach the daemon at {self.path}: {exc.strerror}; "
                                     f"the daemon only accepts its own user") from None
+            except OSError as exc:
+                raise CommandFailed(f"cannot reach the daemon at {self.path}: {exc.strerror or exc}") from None
             try:
                 sock.sendall(request)
                 return decode_response(self._read_line(sock))

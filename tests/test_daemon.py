@@ -9,13 +9,12 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from conftest import (REPO, daemon_pid, descendants, free_port_range, http_app_config, process_alive,
                       processes_of_home, wait_until, write_config)
-from net.control import (MAX_MESSAGE_SIZE, PROTOCOL_VERSION, CommandFailed, ControlClient, DaemonNotRunning,
+from net.control import (MAX_MESSAGE_SIZE, CommandFailed, ControlClient, DaemonNotRunning,
                          LineBuffer, ProtocolError, decode_request, decode_response, encode_error, encode_request,
                          encode_result, socket_path)
 
@@ -188,7 +187,7 @@ def test_a_second_daemon_on_the_same_home_is_refused(bare_daemon, pmdaemon_home,
     second = subprocess.run([sys.executable, "-m", "actors.daemon", "--home", str(pmdaemon_home)],
                             cwd=REPO, capture_output=True, text=True, timeout=15)
     assert second.returncode == 1
-    assert f"already running" in second.stderr and str(bare_daemon.pid) in second.stderr
+    assert "already running" in second.stderr and str(bare_daemon.pid) in second.stderr
     config = write_config(tmp_path, {"load_balancer": {"port": free_port_range(1), "host": "127.0.0.1",
                                                        "backend_ports": [free_port_range(1)]}})
     foreground = pmdaemon("start", config, "--no-daemon")
