@@ -32,6 +32,7 @@ Every status change is told to each subscriber as an `InstanceEvent`.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import signal
 import socket
@@ -185,7 +186,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         """
         selected = self._select(target)
         for instance in selected:
-            self._request_stop(instance, REMOVE if instance.goal == REMOVE else STOP)
+            self._request_stop(instance, STOP)
         return [i.name for i in selected]
 
     def restart(self, target: str) -> list[str]:
@@ -465,18 +466,19 @@ class ProcessSupervisor(pykka.ThreadingActor):
         """The leader has exited: kill and reap what is left of its tree, then settle the goal."""
         leader = instance.process.pid
         leftovers = {p.pid: p for p in instance.tree.values() if p.pid != leader}
-        for process in psutil.process_iter():
+        children = _children_by_parent()
+        for process in itertools.chain.from_iterable(children.values()):
             try:
                 if process.pid != leader and os.getpgid(process.pid) == leader:
                     leftovers.setdefault(process.pid, process)
-            except (OSError, psutil.Error):
+            except OSError:
                 pass
-        for process in list(leftovers.values()):
-            try:
-                for child in process.children(recursive=True):
-                    leftovers.setdefault(child.pid, child)
-            except psutil.Error:
-                pass
+        pending = list(leftovers)
+        while pending:  # and every descendant of a leftover
+            for child in children.get(pending.pop(), ()):
+                if child.pid not in leftovers:
+                    leftovers[child.pid] = child
+                    pending.append(child.pid)
         kill_and_reap(leftovers.values())
         instance.process = None
         instance.tree = {}
@@ -500,7 +502,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
 
     # -- resources ------------------------------------------------------------------------------
 
-    def _sample_tree(self, instance: _Instance, children: dict[int, list[int]] | None = None) -> list[psutil.Process]:
+    def _sample_tree(self, instance: _Instance, children: dict[int, list[psutil.Process]] | None = None) -> list[psutil.Process]:
         """The instance's live process tree (leader first), reusing the psutil objects seen before
         (cpu_percent measures between two calls on the same object).
 
@@ -511,14 +513,16 @@ class ProcessSupervisor(pykka.ThreadingActor):
             return []
         children = _children_by_parent() if children is None else children
         previous, tree = instance.tree, {}
+        try:
+            tree[instance.process.pid] = previous.get(instance.process.pid) or psutil.Process(instance.process.pid)
+        except psutil.Error:
+            return []
         pending = [instance.process.pid]
         while pending:
-            pid = pending.pop()
-            try:
-                tree[pid] = previous.get(pid) or psutil.Process(pid)
-            except psutil.Error:
-                continue
-            pending.extend(children.get(pid, ()))
+            for child in children.get(pending.pop(), ()):
+                seen = previous.get(child.pid)
+                tree[child.pid] = seen if seen == child else child  # == also compares start times: pid reuse
+                pending.append(child.pid)
         instance.tree = tree
         return list(tree.values())
 
@@ -627,11 +631,11 @@ class ProcessSupervisor(pykka.ThreadingActor):
             pass
 
 
-def _children_by_parent() -> dict[int, list[int]]:
-    """pid -> pids of its children, for every process, from one pass over /proc."""
-    children: dict[int, list[int]] = {}
+def _children_by_parent() -> dict[int, list[psutil.Process]]:
+    """pid -> its child processes, for every process, from one pass over /proc."""
+    children: dict[int, list[psutil.Process]] = {}
     for process in psutil.process_iter(["ppid"]):
-        children.setdefault(process.info["ppid"], []).append(process.pid)
+        children.setdefault(process.info["ppid"], []).append(process)
     return children
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -148,6 +149,15 @@ def test_http_instances_answer_on_their_ports(supervisor):
         assert body == f"instance {i} port {base + i}\n".encode()
 
 
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_a_node_app_runs_under_its_interpreter(supervisor):
+    port = free_port()
+    app = replace(app_config("js", REPO / "examples" / "apps" / "server.js", port=port), interpreter=("node",))
+    supervisor.start_app(replace(app, instance_specs=(instance_spec(app, 0),))).get()
+    wait_until(lambda: answers(port), message="the node server listening")
+    assert get(port)[1]["X-Backend"] == str(port)
+
+
 def test_kill_9_is_back_online_within_a_second_with_the_restart_counted(supervisor):
     port = free_port()
     supervisor.start_app(app_config("web", SERVER, port=port, min_uptime=1.0)).get()
@@ -191,6 +201,16 @@ def test_restart_delay_shows_waiting_restart_then_restarts(supervisor):
     wait_status(supervisor, "slowcrash-0", "waiting restart")
     wait_until(lambda: row(supervisor, "slowcrash-0")["restarts"] == 1, message="the delayed restart")
     assert statuses(recorder, "slowcrash-0")[:5] == ["launching", "online", "waiting restart", "launching", "online"]
+
+
+def test_stop_during_waiting_restart_cancels_the_restart(supervisor):
+    app = app_config("slowcrash", TEST_APPS / "crasher.py", restart_delay=5.0)
+    supervisor.start_app(app).get()
+    wait_status(supervisor, "slowcrash-0", "waiting restart")
+    supervisor.stop("slowcrash").get()
+    assert row(supervisor, "slowcrash-0")["status"] == "stopped"
+    assert supervisor.restart("slowcrash").get() == ["slowcrash-0"]  # and a restart starts it at once
+    assert row(supervisor, "slowcrash-0")["restarts"] == 1
 
 
 def test_autorestart_false_leaves_a_crashed_instance_stopped(supervisor):
