@@ -302,6 +302,15 @@ _RUNTIME_PASSTHROUGH = {
 }
 
 
+# Runtime method -> the CLI command that needs it, for "not available in this build" answers.
+_COMMAND_OF_METHOD = {
+    "reload_app": "reload <app|all>", "reload_config": "reload --config", "scale": "scale",
+    "lb_health_check_test": "lb health-check --test", "lb_metrics_samples": "lb metrics --json",
+    **{f"lb_{name}": f"lb {name}" for name in ("status", "health", "stats", "config", "backends", "traffic",
+                                               "metrics", "drain", "enable", "export")},
+}
+
+
 class Daemon:
     """Holds the home lock, the Runtime and the control server for as long as it runs.
 
@@ -407,8 +416,9 @@ class Daemon:
     def _runtime_call(self, method_name: str, *args):
         method = getattr(self.runtime, method_name, None)
         if method is None:
-            raise CommandFailed(f"'{method_name}' is not available in this build "
-                                f"(the runtime does not implement Runtime.{method_name} yet)")
+            command = _COMMAND_OF_METHOD.get(method_name, method_name)
+            raise CommandFailed(f"`pmdaemon {command}` is not available in this build "
+                                f"(the runtime has no {method_name} yet)")
         return method(*args)
 
     def _supervisor(self):
