@@ -66,17 +66,21 @@ def home(tmp_path) -> Path:
 
 @pytest.fixture
 def supervisor(home):
+    before = children_now()
     try:
         yield ProcessSupervisor.start(home, sample_interval=0.2).proxy()
     finally:
         pykka.ActorRegistry.stop_all()
-    assert_no_children_left()
+    assert_no_children_left(before)
 
 
-def assert_no_children_left() -> None:
-    """No child of this test process is left, not even a zombie (the supervisor reaps what it adopts)."""
-    wait_until(lambda: not psutil.Process().children(recursive=True), timeout=1.0,
-               message="no child process left, zombies included")
+def children_now() -> set[psutil.Process]:
+    return set(psutil.Process().children(recursive=True))
+
+
+def assert_no_children_left(before: set[psutil.Process]) -> None:
+    """No child this test made is left, not even a zombie (the supervisor reaps what it adopts)."""
+    wait_until(lambda: not children_now() - before, timeout=1.0, message="no child process left, zombies included")
 
 
 def row(supervisor, name: str) -> dict:
@@ -273,20 +277,23 @@ def test_stop_all_waits_until_every_process_is_gone(supervisor, tmp_path):
 
 
 def test_orphans_of_a_running_instance_are_reaped(supervisor):
+    before = children_now()
     supervisor.start_app(app_config("orph", TEST_APPS / "orphaner.py")).get()
     leader = row(supervisor, "orph-0")["pid"]
-    wait_until(lambda: any(c.pid != leader for c in psutil.Process().children()), message="the orphan adopted")
-    wait_until(lambda: [c.pid for c in psutil.Process().children()] == [leader], message="the orphan reaped")
+    orphan = wait_until(lambda: next((c for c in psutil.Process().children() if c.pid != leader and c not in before),
+                                     None), message="the orphan adopted")
+    wait_until(lambda: not orphan.is_running(), message="the orphan reaped")
 
 
 def test_stopping_the_actor_stops_its_processes(home, tmp_path):
+    before = children_now()
     try:
         supervisor = ProcessSupervisor.start(home).proxy()
         processes = family(supervisor, tmp_path)
     finally:
         pykka.ActorRegistry.stop_all()
     assert gone(processes)
-    assert_no_children_left()
+    assert_no_children_left(before)
 
 
 def test_restart_spawns_a_new_process_and_counts_it(supervisor):
