@@ -213,10 +213,6 @@ def _load_config(path: str):
         raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
 
 
-def _config_source(config, path: str) -> str:
-    return getattr(config, "source", None) or str(Path(path).resolve())
-
-
 # ---------------------------------------------------------------------------------------------
 # Daemon lifecycle from the CLI side
 
@@ -336,7 +332,7 @@ def cmd_start(args: dict, client: ControlClient) -> int:
         return _run_foreground(config, args["--json"])
     spawned = _spawn_daemon(client)
     try:
-        report = client.call("start", {"config": _config_source(config, args["<config>"])}, timeout=300)
+        report = client.call("start", {"config": config.source}, timeout=300)
     except CommandFailed:
         if spawned:  # leave nothing behind: the daemon we started for this config goes too
             _kill_daemon(client)
@@ -356,7 +352,7 @@ def cmd_validate(args: dict, _client: ControlClient) -> int:
     apps = [app.name for app in config.apps]
     listeners = [f"{listener.type}:{listener.host}:{listener.port}" for listener in config.listeners]
     if args["--json"]:
-        _print_json({"valid": True, "config": _config_source(config, path), "apps": apps, "listeners": listeners})
+        _print_json({"valid": True, "config": config.source, "apps": apps, "listeners": listeners})
     else:
         print(f"{path}: valid ({len(apps)} app(s): {', '.join(apps) or '-'}; "
               f"{len(listeners)} listener(s): {', '.join(listeners) or '-'})")
@@ -408,7 +404,7 @@ def _print_result(result: object, as_json: bool) -> None:
 def cmd_reload(args: dict, client: ControlClient) -> int:
     if args["--config"]:
         config = _load_config(args["--config"])
-        result = client.call("reload_config", {"config": _config_source(config, args["--config"])}, timeout=300)
+        result = client.call("reload_config", {"config": config.source}, timeout=300)
     else:
         result = client.call("reload", {"target": args["<target>"]}, timeout=600)
     _print_result(result, args["--json"])
