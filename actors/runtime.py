@@ -34,6 +34,8 @@ from actors.supervisor import ProcessSupervisor
 from actors.timers import Timers
 from net.config import Config, ListenerConfig
 from net.snapshot import HALF_OPEN, OPEN, UP, PoolSnapshot
+from net.sticky import load_or_create_key
+from net.strategies import make_strategy
 
 ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
 LOOP_JOIN_TIMEOUT = 10.0
@@ -142,7 +144,9 @@ class Runtime:
         from net.loop import IOLoop
 
         if self._loop is None:
-            self._loop = IOLoop(self._fanout)
+            # Sticky cookies are signed with the home's key, so they stay valid across daemon restarts.
+            session_key = load_or_create_key(self.home)
+            self._loop = IOLoop(self._fanout, lambda listener: make_strategy(listener, session_key=session_key))
         bound = []
         try:
             for listener in config.listeners:
