@@ -338,8 +338,10 @@ class ProcessSupervisor(pykka.ThreadingActor):
                 self._signal_group(instance, signal.SIGKILL)
                 kill_and_reap(p for p in instance.tree.values() if p.pid != instance.process.pid)
         elif isinstance(message, _SampleTick):
-            self._enforce_memory_limits()
-            self._reap_adopted_zombies()
+            if any(i.process is not None for i in self._instances.values()):
+                children = _children_by_parent()
+                self._enforce_memory_limits(children)
+                self._reap_adopted_zombies(children)
             self._watcher.call_later(self._sample_interval, lambda: self._tell_self(_SampleTick()))
 
     def _on_child_exited(self, message: _ChildExited) -> None:
@@ -526,8 +528,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         instance.tree = tree
         return list(tree.values())
 
-    def _enforce_memory_limits(self) -> None:
-        children = _children_by_parent()
+    def _enforce_memory_limits(self, children: dict[int, list[psutil.Process]]) -> None:
         for instance in self._ordered():
             limit = instance.app.max_memory_restart
             if instance.status != ONLINE or not limit:
@@ -542,14 +543,14 @@ class ProcessSupervisor(pykka.ThreadingActor):
                 self._note(instance, f"memory {memory} bytes over max_memory_restart {limit} bytes: restarting")
                 self._request_restart(instance)
 
-    def _reap_adopted_zombies(self) -> None:
+    def _reap_adopted_zombies(self, children: dict[int, list[psutil.Process]]) -> None:
         """Reap exited orphans of running instances that were re-parented to us (we are their subreaper).
 
         Only members of a running instance's process group: a zombie child of any other origin may
         belong to a `subprocess.Popen` elsewhere in this process, which must reap it itself.
         """
         leaders = {i.process.pid for i in self._instances.values() if i.process is not None}
-        for child in psutil.Process().children():
+        for child in children.get(os.getpid(), ()):
             try:
                 if (child.pid not in leaders and child.status() == psutil.STATUS_ZOMBIE
                         and os.getpgid(child.pid) in leaders):
