@@ -27,6 +27,13 @@ needs). Then: goal remove -> the record is dropped (InstanceEvent removed=True);
 stopped; a requested restart -> spawned again at once; otherwise it was a crash and the restart
 rules decide: restart (now or after a delay), errored, or stopped.
 
+Before each spawn of an instance that has a port, 127.0.0.1:<port> is probed with a connect: when
+something already accepts there, the instance is `errored` with that reason (in `list()` and its
+error log) instead of crash-looping on EADDRINUSE. Every `sample_interval` the process trees are
+sampled (RSS over the whole tree against `max_memory_restart`; orphans adopted from a running
+instance's group are reaped).
+
+stop/restart/delete return at once; `settled(names)` gives a future for "those requests are done".
 Every status change is told to each subscriber as an `InstanceEvent`.
 """
 from __future__ import annotations
