@@ -128,6 +128,8 @@ def probe(target: CheckTarget) -> str | None:
             connection.close()
     except ConnectionRefusedError:
         return "connection refused"
+    except ConnectionResetError:
+        return "connection reset"
     except (socket.timeout, TimeoutError):
         return f"timeout after {target.timeout:g}s"
     except ssl.SSLError as e:

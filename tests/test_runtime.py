@@ -36,6 +36,11 @@ def get(port: int, path: str = "/") -> tuple[int, str]:
         connection.close()
 
 
+def stop_and_wait(runtime: Runtime, name: str) -> None:
+    supervisor = runtime.supervisor.proxy()
+    supervisor.settled(supervisor.stop(name).get()).get().get(timeout=10)
+
+
 def online(runtime: Runtime) -> set[str]:
     return {row["name"] for row in runtime.supervisor.proxy().list().get() if row["status"] == "online"}
 
@@ -122,8 +127,7 @@ def test_health_views_and_check_test(tmp_path, app_script, runtime):
     rows = runtime.lb_health()
     assert [row["instance"] for row in rows] == ["web-0", "web-1"]
     assert all(row["last_check"] and row["consecutive_failures"] == 0 and row["last_error"] is None for row in rows)
-    runtime.supervisor.proxy().stop("web-1").get()
-    wait_until(lambda: runtime.lb_backends()[1]["state"] == "down", message="web-1 down")
+    stop_and_wait(runtime, "web-1")
     results = runtime.lb_health_check_test()
     assert [(r["instance"], r["ok"]) for r in results] == [("web-0", True), ("web-1", False)]
     assert results[1]["error"] == "connection refused"
