@@ -286,6 +286,21 @@ class Runtime:
     def lb_metrics_samples(self, detailed: bool = False) -> list[dict]:
         return self._metrics_proxy().samples(detailed).get(timeout=ASK_TIMEOUT)
 
+    def lb_export(self, kind: str) -> str:
+        """The listeners and their live pools (each Listener's latest snapshot) as nginx or HAProxy config."""
+        from datetime import datetime, timezone
+
+        from net.export import render
+
+        units = self._units()
+        if not units or self.config is None:
+            raise RuntimeError("no load balancer is running: there is no pool to export "
+                               "(add a load_balancer block to the config)")
+        pools = {unit.config.index: unit.listener.proxy().snapshot().get(timeout=ASK_TIMEOUT).backends
+                 for unit in units}
+        return render(kind, [unit.config for unit in units], pools, self.config.source,
+                      datetime.now(timezone.utc))
+
     def _metrics_proxy(self):
         if self._metrics is None:
             raise RuntimeError("no load balancer is running: metrics come from listeners "
