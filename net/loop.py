@@ -23,6 +23,7 @@ from typing import Callable
 
 from actors.messages import LoopReport
 from net.config import ListenerConfig
+from net.listeners import ListenerTls, make_listener
 from net.proxy import HttpListener
 from net.snapshot import Outcome, PoolSnapshot
 
@@ -102,11 +103,9 @@ class IOLoop:
 
     # ---- thread-safe API -------------------------------------------------------------------
     def add_listener(self, cfg: ListenerConfig) -> None:
-        """Bind now (in the caller's thread; OSError if the port is taken); the loop then accepts."""
-        if cfg.type != "http":
-            raise ValueError(f"listener {cfg.name}: this loop proxies HTTP only (type {cfg.type!r} is not handled yet)")
-        if cfg.ssl.enabled:
-            raise ValueError(f"listener {cfg.name}: TLS termination is not implemented yet")
+        """Bind now (in the caller's thread; OSError if the port is taken); the loop then accepts. TLS
+        certificate and CA files are read here too, afresh on every call (ValueError if they fail)."""
+        tls = ListenerTls.build(cfg)
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -119,7 +118,7 @@ class IOLoop:
             raise
         strategy = self._strategy_factory(cfg)
         self._bound[cfg.index] = sock.getsockname()
-        self._call(self._install_listener, cfg, sock, strategy)
+        self._call(self._install_listener, cfg, sock, strategy, tls)
 
     def listening_address(self, index: int) -> tuple:
         """The bound address of a listener (useful with port 0). Thread-safe after add_listener returned."""
@@ -153,11 +152,11 @@ class IOLoop:
                 return
             fn(*args)
 
-    def _install_listener(self, cfg: ListenerConfig, sock: socket.socket, strategy) -> None:
+    def _install_listener(self, cfg: ListenerConfig, sock: socket.socket, strategy, tls: ListenerTls) -> None:
         old = self.listeners.get(cfg.index)
         if old is not None:
             old.stop_accepting()
-        listener = HttpListener(self, cfg, sock, strategy)
+        listener = make_listener(self, cfg, sock, strategy, tls)
         self.listeners[cfg.index] = listener
         self.client_connections.setdefault(cfg.index, 0)
         self.selector.register(sock, selectors.EVENT_READ, listener)

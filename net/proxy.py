@@ -80,6 +80,7 @@ class HttpListener:
         self.read_timeout, self.write_timeout, self.idle_timeout = t.read, t.write, t.idle
         self.max_attempts = max(1, cfg.retries.max_attempts)
         self.retries = cfg.retries
+        self.forwarded_proto = b"X-Forwarded-Proto: https\r\n" if cfg.ssl.enabled else b"X-Forwarded-Proto: http\r\n"
 
     def on_readable(self) -> None:
         for _ in range(64):
@@ -382,7 +383,7 @@ class ClientConnection(Channel):
         append(prior_for + b", " + self.ip_bytes if prior_for else self.ip_bytes)
         append(CRLF)
         if not have_proto:
-            append(b"X-Forwarded-Proto: http\r\n")
+            append(listener.forwarded_proto)
         if not have_host and head.host is not None:
             append(b"X-Forwarded-Host: ")
             append(head.host)

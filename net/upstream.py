@@ -133,6 +133,9 @@ class UpstreamPool:
         self.write_timeout = cfg.timeouts.write
         self.hosts: dict[tuple, _HostPool] = {}
         self.closing = False
+        # backend_protocol "https": net.listeners sets net.tls.TlsBackendConnection and its context
+        self.connection_class = BackendConnection
+        self.tls_context = None
 
     def acquire(self, view: BackendView, address: tuple, owner, fresh: bool = False) -> BackendConnection | None:
         """A connected idle connection (reused=True) or a new connecting one; None at the limit."""
@@ -154,7 +157,7 @@ class UpstreamPool:
         if host.count >= self.max_connections:
             return None
         host.count += 1
-        return BackendConnection(self, view, address, owner)
+        return self.connection_class(self, view, address, owner)
 
     def release(self, conn: BackendConnection, reusable: bool) -> None:
         """The exchange on `conn` is over; keep it for the next request or close it."""

@@ -1,0 +1,110 @@
+"""Which class serves a listener config: HTTP, HTTPS (TLS termination), TCP, or TCP over TLS; and the
+TLS contexts each needs, built outside the loop thread.
+
+`ListenerTls.build(cfg)` runs in the thread that calls `IOLoop.add_listener` (it reads certificate and
+CA files; errors surface there, before anything is bound). `make_listener` runs in the loop thread and
+only wires objects together.
+"""
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+
+from net.config import ListenerConfig
+from net.proxy import ClientConnection, HttpListener
+from net.tcpproxy import TcpListener
+from net.tls import HTTP_ALPN, ServerHandshake, TlsBackendConnection, backend_context, server_context
+
+ACCEPT_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ListenerTls:
+    """The contexts of one listener: `server` terminates client TLS, `backend` re-encrypts to
+    backends (`backend_protocol: "https"`); None where not configured."""
+
+    server: ssl.SSLContext | None = None
+    backend: ssl.SSLContext | None = None
+
+    @classmethod
+    def build(cls, cfg: ListenerConfig) -> "ListenerTls":
+        """Fresh contexts from the files named in `cfg` (read now: a reload gets renewed certificates).
+        Raises ValueError naming the file when one cannot be loaded."""
+        alpn = HTTP_ALPN if cfg.type == "http" else ()
+        server = backend = None
+        if cfg.ssl.enabled:
+            try:
+                server = server_context(cfg.ssl, alpn)
+            except (OSError, ValueError) as err:  # ssl.SSLError is an OSError
+                raise ValueError(f"ssl: cannot load the certificate {cfg.ssl.cert_file} with its key "
+                                 f"{cfg.ssl.key_file}: {err}") from None
+        if cfg.backend_protocol == "https":
+            try:
+                backend = backend_context(cfg, alpn)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"ca_file: cannot load {cfg.backend_tls.ca_file}: {err}") from None
+        return cls(server, backend)
+
+
+class HttpsListener(HttpListener):
+    """An HTTP listener that terminates TLS: every accepted socket completes a handshake (deadline
+    `limits.header_timeout`) before it becomes a `ClientConnection`. Backends see
+    `X-Forwarded-Proto: https`; session cookies the balancer sets carry `Secure`."""
+
+    answers_plain_http = True
+
+    def __init__(self, loop, cfg: ListenerConfig, sock: socket.socket, strategy, tls_context: ssl.SSLContext):
+        super().__init__(loop, cfg, sock, strategy)
+        self.tls_context = tls_context
+        self.handshake_timeout = cfg.limits.header_timeout
+        self.handshakes: set[ServerHandshake] = set()
+
+    def on_readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and friends: the backlog keeps the client until we can take it
+            try:
+                ServerHandshake(self, sock, addr[0])
+            except OSError:  # the client reset before the handshake began
+                sock.close()
+
+    def tls_ready(self, sock: socket.socket, ip: str) -> None:
+        try:
+            conn = ClientConnection(self, sock, ip)
+        except OSError:  # the client reset right after the handshake
+            sock.close()
+            return
+        if sock.pending():
+            self.loop.call_soon(conn.on_readable)  # decrypted already: epoll will not report it
+
+    def tls_failed(self, ip: str, why: str) -> None:
+        """A failed or stalled handshake is not a request: nothing to record."""
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        for handshake in list(self.handshakes):
+            handshake.close()
+
+    def close_all(self) -> None:
+        for handshake in list(self.handshakes):
+            handshake.close()
+        super().close_all()
+
+
+def make_listener(loop, cfg: ListenerConfig, sock: socket.socket, strategy, tls: ListenerTls):
+    """The listener object the loop registers for `sock` (loop thread)."""
+    if cfg.type == "tcp":
+        listener = TcpListener(loop, cfg, sock, strategy, tls.server, tls.backend)
+    elif tls.server is not None:
+        listener = HttpsListener(loop, cfg, sock, strategy, tls.server)
+    else:
+        listener = HttpListener(loop, cfg, sock, strategy)
+    if tls.backend is not None and cfg.type == "http":  # a TcpListener handles its own
+        listener.pool.tls_context = tls.backend
+        listener.pool.connection_class = TlsBackendConnection
+    return listener
