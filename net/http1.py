@@ -20,11 +20,13 @@ Content-Length, obs-fold, whitespace before a colon, bare CR or LF, control byte
 size) raises `HttpError`, the only exception this module raises. Its `status` is what a proxy
 answers: 400, 413, 414 or 431 for requests; responses always say 502 (invalid response).
 
-Hot-path notes: heads are parsed with `bytes.find`/`split`/`translate` (C loops, no regex), header
-fields are kept in arrival order as `(lowercase name, value, raw line)` tuples, so duplicates stay
+Hot-path notes: heads are checked with `bytes.translate`/`count` and split with one regex
+`findall` over the field block (C loops, not a Python loop per line), header fields are kept in arrival order as `(lowercase name, value, raw line)` tuples, so duplicates stay
 visible and forwarding a kept header is joining its raw line.
 """
 from __future__ import annotations
+
+import re
 
 NEED_DATA = "NEED_DATA"
 END = "END"
@@ -54,11 +56,23 @@ class HttpError(Exception):
 
 
 def _split_tokens(value: bytes) -> list[bytes]:
+    if b"," not in value:
+        return [value.lower()] if value else []
     return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
 
 
+# One field line: token name, colon, optional whitespace, value (trailing whitespace stripped
+# afterwards). `^` under re.M only matches at line starts, so a line that does not match can never
+# be matched from its middle; the caller checks that every line matched (count), and lines hold no
+# CR/LF by then. One `findall` over the block replaces a Python loop of find/slice/translate per line.
+_FIELD = re.compile(rb"^(([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*))(?:\r\n|\Z)", re.M)
+
+
 def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes, bytes]]:
-    """Header lines -> [(lowercase name, value, raw line)]; strict RFC 9112 field syntax."""
+    """Header lines -> [(lowercase name, value, raw line)]; strict RFC 9112 field syntax.
+
+    The slow path: used for trailers and to name the defect when `_split_head`'s regex did not
+    match every line."""
     fields = []
     append = fields.append
     for line in lines:
@@ -78,15 +92,22 @@ def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes, b
     return fields
 
 
-def _split_head(head: bytes, status: int) -> list[bytes]:
-    """Head bytes (without the final CRLFCRLF) -> lines; rejects control bytes and bare CR/LF."""
+def _split_head(head: bytes, status: int, max_fields: int) -> tuple[bytes, list[tuple[bytes, bytes, bytes]]]:
+    """Head bytes (final CRLFCRLF excluded) -> (first line, fields); rejects control bytes, bare CR/LF."""
     if head.translate(None, _HEAD_BYTES):
         raise HttpError(status, "control character in the message head")
-    lines = head.split(b"\r\n")
-    crlf = len(lines) - 1
+    crlf = head.count(b"\r\n")
     if head.count(b"\n") != crlf or head.count(b"\r") != crlf:
         raise HttpError(status, "bare CR or LF in the message head")
-    return lines
+    if not crlf:
+        return head, []
+    if crlf > max_fields:
+        raise HttpError(431 if status == 400 else status, f"more than {max_fields} header fields")
+    eol = head.find(b"\r\n")
+    found = _FIELD.findall(head, eol + 2)
+    if len(found) != crlf:
+        return head[:eol], _parse_fields(head[eol + 2:].split(b"\r\n"), status)
+    return head[:eol], [(name.lower(), value.rstrip(b" \t"), line) for line, name, value in found]
 
 
 class _Head:
@@ -133,8 +154,8 @@ class ResponseHead(_Head):
 
 def parse_request_head(head: bytes, max_fields: int = MAX_FIELDS) -> RequestHead:
     """Validate and parse one request head (request line + fields, final CRLFCRLF excluded)."""
-    lines = _split_head(head, 400)
-    parts = lines[0].split(b" ")
+    line, fields = _split_head(head, 400, max_fields)
+    parts = line.split(b" ")
     if len(parts) != 3:
         raise HttpError(400, "malformed request line")
     method, target, version = parts
@@ -150,9 +171,6 @@ def parse_request_head(head: bytes, max_fields: int = MAX_FIELDS) -> RequestHead
         raise HttpError(400, "unsupported HTTP version")
     if method == b"CONNECT":
         raise HttpError(400, "CONNECT is not supported")
-    if len(lines) - 1 > max_fields:
-        raise HttpError(431, f"more than {max_fields} header fields")
-    fields = _parse_fields(lines[1:], 400)
 
     req = RequestHead()
     req.method, req.target, req.version, req.fields, req.size = method, target, ver, fields, len(head) + 4
@@ -207,17 +225,13 @@ def parse_request_head(head: bytes, max_fields: int = MAX_FIELDS) -> RequestHead
 
 def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     """Validate and parse one response head; every defect is a 502 (invalid response)."""
-    lines = _split_head(head, 502)
-    line = lines[0]
+    line, fields = _split_head(head, 502, MAX_FIELDS)
     if line[:7] != b"HTTP/1." or line[8:9] != b" " or line[12:13] not in (b"", b" "):
         raise HttpError(502, "malformed status line")
     ver = line[7:8]
     code = line[9:12]
     if ver not in (b"0", b"1") or not code.isdigit() or code[0] == 48:
         raise HttpError(502, "malformed status line")
-    if len(lines) - 1 > MAX_FIELDS:
-        raise HttpError(502, "too many header fields in the response")
-    fields = _parse_fields(lines[1:], 502)
 
     resp = ResponseHead()
     resp.status = status = int(code)

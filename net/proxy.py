@@ -516,33 +516,41 @@ class ClientConnection(Channel):
             return
         reader = up.reader
         reader.feed(data)
+        out = []  # everything for the client from this read, sent with one write (head + body)
         while True:
             try:
                 ev = reader.next_event()
             except HttpError as exc:
+                self._flush(out)
                 self._upstream_invalid(exc.reason)
                 return
             if ev is NEED_DATA or ev is PAUSED:
                 break
             if ev is END:
+                self._flush(out)
                 self._response_complete()
                 return
             if type(ev) is bytes:
                 self.bytes_out += len(ev)
-                self.write(ev)
-                continue
-            if ev.status >= 200:
-                self._forward_response_head(ev)
+                out.append(ev)
+            elif ev.status >= 200:
+                out.append(self._response_head(ev))
             elif ev.status == 101:
+                self._flush(out)
                 self._start_tunnel(ev)
                 return
-            else:
-                self._forward_interim(ev)
+            elif self.head.version == 11:  # no 1xx to HTTP/1.0 clients (RFC 9110 15.2)
+                out.append(self._interim_head(ev))
+        self._flush(out)
         if self.closed or self.up is not up:
             return
         up.set_deadline(self.loop.now + self.listener.read_timeout)
         if self.pending > BUFFER_HIGH:
             up.pause_reading()
+
+    def _flush(self, out: list) -> None:
+        if out:
+            self.write(out[0] if len(out) == 1 else b"".join(out))
 
     def upstream_eof(self, up: BackendConnection) -> None:
         if up is not self.up:
@@ -621,7 +629,8 @@ class ClientConnection(Channel):
             append(CRLF)
         return parts
 
-    def _forward_response_head(self, resp: ResponseHead) -> None:
+    def _response_head(self, resp: ResponseHead) -> bytes:
+        """The final response head as the client gets it (the caller writes it)."""
         head = self.head
         keep = head.keep_alive and not resp.until_close and self.request_done and not self.eof \
             and not self.listener.closed
@@ -641,17 +650,15 @@ class ClientConnection(Channel):
         self.latency = self.loop.now - self.t_head
         self.sent_to_client = True
         self.bytes_out += len(data)
-        self.write(data)
+        return data
 
-    def _forward_interim(self, resp: ResponseHead) -> None:
-        if self.head.version == 10:
-            return  # no 1xx to HTTP/1.0 clients (RFC 9110 15.2)
+    def _interim_head(self, resp: ResponseHead) -> bytes:
         parts = self._filtered_response(resp, False)
         parts.append(CRLF)
         data = b"".join(parts)
         self.sent_to_client = True
         self.bytes_out += len(data)
-        self.write(data)
+        return data
 
     def _response_complete(self) -> None:
         up = self.up

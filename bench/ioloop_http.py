@@ -1,0 +1,35 @@
+"""Run the HTTP data plane alone (no actors) for benchmarks: IOLoop + one round-robin listener.
+
+    HTTP_BACKENDS=127.0.0.1:3000,127.0.0.1:3001 LB_PORT=8080 python3 bench/ioloop_http.py
+
+Used as LB_CMD by /work/shared/bench/anchors.sh, or directly under wrk / py-spy.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from net.config import BackendConfig, ListenerConfig
+from net.loop import IOLoop
+from net.snapshot import UP, BackendView, PoolSnapshot
+
+
+def main() -> None:
+    addresses = [a.rsplit(":", 1) for a in os.environ["HTTP_BACKENDS"].split(",")]
+    backends = tuple(BackendConfig(host, int(port)) for host, port in addresses)
+    loop = IOLoop(lambda report: None)
+    loop.add_listener(ListenerConfig(index=0, host="127.0.0.1", port=int(os.environ.get("LB_PORT", "8080")),
+                                     backends=backends))
+    loop.publish(PoolSnapshot(0, 1, tuple(BackendView(i, b.host, b.port, None, 1, UP)
+                                          for i, b in enumerate(backends))))
+    signal.signal(signal.SIGTERM, lambda *_: loop.stop())
+    signal.signal(signal.SIGINT, lambda *_: loop.stop())
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+
+
+if __name__ == "__main__":
+    main()
