@@ -178,7 +178,7 @@ class HealthProbe(pykka.ThreadingActor):
                 and not check.restart_requested and not check.starting(now)
                 and check.counter.consecutive_failures >= check.target.failure_threshold):
             check.restart_requested = True
-            self._supervisor_ref.proxy().restart(instance)
+            self._supervisor_ref.proxy().restart_instance(instance)
 
     def _process_status(self, index: int, running: bool) -> None:
         check = self._checks[index]

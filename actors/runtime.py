@@ -7,7 +7,9 @@ Per listener it starts (actors/*.py):
   CircuitBreaker when `circuit_breaker.enabled`: outcomes -> BreakerEvent to the Listener
   RateLimiter    when `rate_limiting.enabled`: refusals seen by the loop
   Scorer         when the strategy is performance_based: EffectiveWeights to the Listener
-and one MetricsActor for all listeners (it also receives every published pool state), and subscribes the Listener to the supervisor's InstanceEvents. The IOLoop runs on one thread; its
+  Alerter        when `alerts.enabled`: evaluates the rules over the MetricsActor's values
+and one MetricsActor for all listeners (it also receives every published pool state), and
+subscribes each Listener to the supervisor's InstanceEvents. The IOLoop runs on one thread; its
 `on_report` callback (`_ReportFanOut`) splits each LoopReport per listener and backend and only
 `tell`s. The daemon calls the public methods from its control-socket threads; they take
 `self._lock` and `ask` actors, never the loop.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pykka
 
+from actors.alerter import Alerter, values_from
 from actors.backend import Backend
 from actors.breaker import CircuitBreaker
 from actors.health import HealthProbe
@@ -52,6 +55,7 @@ class _ListenerUnit:
     breaker: pykka.ActorRef | None
     ratelimiter: pykka.ActorRef | None
     scorer: pykka.ActorRef | None
+    alerter: pykka.ActorRef | None
 
 
 class _ReportFanOut:
@@ -186,6 +190,8 @@ class Runtime:
             ratelimiter=RateLimiter.start(config.rate_limiting) if config.rate_limiting.enabled else None,
             scorer=(Scorer.start(config, listener, backends, self.supervisor, self._timers)
                     if config.strategy == "performance_based" else None),
+            alerter=(Alerter.start(config, values_from(self._metrics), timers=self._timers)
+                     if config.alerts.enabled and config.alerts.rules else None),
         )
 
     def _publish(self, snapshot: PoolSnapshot) -> None:

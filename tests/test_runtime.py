@@ -162,3 +162,34 @@ def test_shutdown_with_listeners_leaves_no_process_or_thread(tmp_path, app_scrip
         socket.create_connection(("127.0.0.1", lb_port), timeout=1).close()
     wait_until(lambda: set(threading.enumerate()) <= threads_before, timeout=5,
                message=f"no thread left behind: {set(threading.enumerate()) - threads_before}")
+
+
+def test_restart_unhealthy_restarts_an_instance_that_keeps_failing_its_check(tmp_path, app_script, runtime):
+    failing = tmp_path / "fail-health"
+    data = balanced_config(tmp_path, app_script, free_port(), instances=1)
+    data["apps"][0]["env"]["FAIL_HEALTH_FILE"] = str(failing)
+    data["apps"][0]["health_check"]["restart_unhealthy"] = True
+    runtime.apply(config(tmp_path, data))
+    wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up")
+    failing.touch()
+    wait_until(lambda: runtime.supervisor.proxy().list().get()[0]["restarts"] >= 1, message="a restart")
+    failing.unlink()
+    wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up after the restart")
+
+
+def test_health_aware_ejects_a_failing_backend_for_the_quarantine(tmp_path, app_script, runtime):
+    lb_port = free_port()
+    data = balanced_config(tmp_path, app_script, lb_port, strategy="health_aware_round_robin",
+                           quarantine_duration=1)
+    runtime.apply(config(tmp_path, data))
+    wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
+    connection = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=5)
+    connection.request("GET", "/status/500")
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    failed = int(response.getheader("X-Instance"))
+    wait_until(lambda: runtime.lb_backends()[failed]["state"] == "down", timeout=1, message="ejected at once")
+    other = f"instance {1 - failed}"
+    assert all(get(lb_port)[1].startswith(other) for _ in range(4))
+    wait_until(lambda: runtime.lb_backends()[failed]["state"] == "up", timeout=4, message="back after quarantine")
