@@ -11,8 +11,8 @@ Per listener it starts (actors/*.py):
 and one MetricsActor for all listeners (it also receives every published pool state), and
 subscribes each Listener to the supervisor's InstanceEvents. The IOLoop runs on one thread; its
 `on_report` callback (`_ReportFanOut`) splits each LoopReport per listener and backend and only
-`tell`s. The daemon calls the public methods from its control-socket threads; they take
-`self._lock` and `ask` actors, never the loop.
+`tell`s. The daemon calls the public methods from its control-socket threads: they `ask` actors,
+never the loop, and the ones that change state (apply, drain, shutdown) take `self._lock`.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import errno
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pykka
@@ -36,7 +37,10 @@ from actors.scorer import Scorer
 from actors.supervisor import ProcessSupervisor
 from actors.timers import Timers
 from net.config import Config, ListenerConfig
+from net.loop import IOLoop
 from net.snapshot import HALF_OPEN, OPEN, UP, PoolSnapshot
+from net.sticky import load_or_create_key
+from net.strategies import make_strategy
 from net.sticky import load_or_create_key
 from net.strategies import make_strategy
 
@@ -345,7 +349,9 @@ class Runtime:
                 "requests_per_second": traffic["requests_per_second"],
             })
             if scores is not None:
+                # performance_based: the score the weight is moving to, and what it was computed from.
                 merged[-1]["score"] = scores[i]["score"]
+                merged[-1]["performance"] = scores[i]["metrics"]
         return merged
 
     def _set_draining(self, backend: str, drain: bool) -> dict:

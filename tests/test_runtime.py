@@ -193,3 +193,18 @@ def test_health_aware_ejects_a_failing_backend_for_the_quarantine(tmp_path, app_
     other = f"instance {1 - failed}"
     assert all(get(lb_port)[1].startswith(other) for _ in range(4))
     wait_until(lambda: runtime.lb_backends()[failed]["state"] == "up", timeout=4, message="back after quarantine")
+
+
+def test_a_tcp_listener_balances_connections_over_connect_probed_backends(tmp_path, runtime):
+    lb_port, base = free_port(), free_port_range(2)
+    app = http_app_config(Path(__file__).parent.parent / "examples" / "apps" / "tcp_echo.py", "echo", 2, base)
+    data = {"apps": [app], "load_balancer": {"type": "tcp", "port": lb_port, "host": "127.0.0.1", "apps": ["echo"]}}
+    runtime.apply(config(tmp_path, data))
+    wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
+    assert [row["check"] for row in runtime.lb_health()] == [f"connect 127.0.0.1:{base}", f"connect 127.0.0.1:{base + 1}"]
+    answered = set()
+    for _ in range(4):
+        with socket.create_connection(("127.0.0.1", lb_port), timeout=5) as connection:
+            connection.sendall(b"WHO\n")
+            answered.add(connection.makefile("rb").readline().strip())
+    assert answered == {str(base).encode(), str(base + 1).encode()}
