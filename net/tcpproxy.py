@@ -217,7 +217,7 @@ class BackendSide(Channel):
         self.tls_wants_write = False
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
-            self.loop.call_soon(session.connect_failed, self, "connect", errno.errorcode.get(err, "connect"))
+            self.loop.call_soon(session.connect_failed, self, "connect")
             return
         self.set_deadline(self.loop.now + session.listener.connect_timeout)
         self._update_events()
@@ -233,7 +233,7 @@ class BackendSide(Channel):
         if not self.tcp_connected:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self.session.connect_failed(self, "connect", errno.errorcode.get(err, "connect"))
+                self.session.connect_failed(self, "connect")
                 return
             self.tcp_connected = True
             if context is not None:
@@ -246,9 +246,8 @@ class BackendSide(Channel):
             try:
                 if not handshake_step(self):
                     return
-            except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "reason", None) or exc.strerror or str(exc)
-                self.session.connect_failed(self, "connect", f"TLS handshake with the backend failed: {reason}")
+            except OSError:  # ssl.SSLError included: the certificate did not verify, or no TLS there
+                self.session.connect_failed(self, "connect")
                 return
         self.connected = True
         self.deadline = None
@@ -276,7 +275,7 @@ class BackendSide(Channel):
 
     def on_timeout(self, now: float) -> None:
         if not self.connected:
-            self.session.connect_failed(self, "timeout", "connect timed out")
+            self.session.connect_failed(self, "timeout")
         else:
             self.session.close(None)
 
@@ -289,7 +288,7 @@ class BackendSide(Channel):
         elif self.connected:
             self.session.close("reset")
         else:
-            self.session.connect_failed(self, "connect", exc.strerror or str(exc))
+            self.session.connect_failed(self, "connect")
 
 
 class TcpSession:
@@ -341,11 +340,11 @@ class TcpSession:
         address = listener.addresses.get(view.index) or (view.host, view.port)
         try:
             self.backend = BackendSide(self, address)
-        except OSError as exc:  # out of sockets
+        except OSError:  # out of sockets
             self.backend = None
-            self.connect_failed(None, "connect", exc.strerror or str(exc))
+            self.connect_failed(None, "connect")
 
-    def connect_failed(self, side: BackendSide | None, kind: str, why: str) -> None:
+    def connect_failed(self, side: BackendSide | None, kind: str) -> None:
         """This attempt did not connect: count it as the backend's failure, then retry elsewhere."""
         if self.done or side is not self.backend:
             return
