@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pykka
 
+from actors import alb
 from actors.alerter import Alerter, values_from
 from actors.backend import Backend
 from actors.breaker import CircuitBreaker
@@ -123,6 +124,7 @@ class Runtime:
         self._loop_thread: threading.Thread | None = None
         self._metrics: pykka.ActorRef | None = None
         self._metrics_states = None  # the MetricsActor's proxy, kept for the Listeners' publish calls
+        self._alb: pykka.ActorRef | None = None  # AlbRegistrar (actors/alb.py), once a config has aws.alb apps
         self._closed = False
 
     # --- lifecycle ---
@@ -135,6 +137,7 @@ class Runtime:
         refused (changing them is `reload --config`); the same listeners again are left alone.
         """
         with self._lock:
+            self._alb = alb.attach(self._alb, config, self.supervisor, self._timers)  # raises if boto3 is missing
             if self._fanout.units:
                 running = tuple(unit.config for unit in self._fanout.units.values())
                 if config.listeners and config.listeners != running:
@@ -245,6 +248,8 @@ class Runtime:
                 "active": sum(b["active"] for b in backends),
                 "requests_per_second": rates.get(unit.config.index, 0.0),
             })
+            if unit.ratelimiter is not None:
+                rows[-1]["rate_limiting"] = unit.ratelimiter.proxy().status().get(timeout=ASK_TIMEOUT)
         return rows
 
     def lb_backends(self) -> list[dict]:
@@ -356,14 +361,23 @@ class Runtime:
 
     def _set_draining(self, backend: str, drain: bool) -> dict:
         with self._lock:
-            targets = self._resolve_backend(backend)
+            alb_targets = alb.set_draining(self._alb, backend, drain)  # ALB drain = deregistration
+            try:
+                targets = self._resolve_backend(backend)
+            except ValueError:
+                if not alb_targets:
+                    raise
+                targets = []
             rows = []
             for unit, indexes in targets:
                 proxy = unit.listener.proxy()
                 changed = (proxy.drain(indexes) if drain else proxy.enable(indexes)).get(timeout=ASK_TIMEOUT)
                 rows.extend({"listener": unit.config.port, "address": r["address"], "instance": r["instance"],
                              "state": r["state"]} for r in changed)
-            return {"backend": backend, "draining": drain, "backends": rows}
+            result = {"backend": backend, "draining": drain, "backends": rows}
+            if alb_targets:
+                result["alb_targets"] = alb_targets
+            return result
 
     def _resolve_backend(self, backend: str) -> list[tuple[_ListenerUnit, list[int]]]:
         wanted = backend.strip()

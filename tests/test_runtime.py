@@ -208,3 +208,16 @@ def test_a_tcp_listener_balances_connections_over_connect_probed_backends(tmp_pa
             connection.sendall(b"WHO\n")
             answered.add(connection.makefile("rb").readline().strip())
     assert answered == {str(base).encode(), str(base + 1).encode()}
+
+
+def test_rate_limited_requests_get_429_and_are_counted(tmp_path, app_script, runtime):
+    lb_port = free_port()
+    data = balanced_config(tmp_path, app_script, lb_port, instances=1,
+                           rate_limiting={"enabled": True, "requests_per_second": 1, "burst_size": 2})
+    runtime.apply(config(tmp_path, data))
+    wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up")
+    statuses = [get(lb_port)[0] for _ in range(5)]
+    assert statuses[:2] == [200, 200] and 429 in statuses[2:]
+    refused = statuses.count(429)
+    wait_until(lambda: runtime.lb_status()[0]["rate_limiting"]["refused"] == refused, message="refusals counted")
+    assert runtime.lb_status()[0]["rate_limiting"]["top_refused_clients"] == {"127.0.0.1": refused}
