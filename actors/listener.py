@@ -14,7 +14,8 @@ Theory of operation. For every backend of the listener the table merges what the
 - effective weight (performance_based: `EffectiveWeights` from the Scorer actor).
 
 Pool-wide options (`quarantine_duration`, `exclude_unhealthy`) come from the ListenerConfig, where
-the config loader has already merged the apps' `load_balancer` blocks.
+the config loader has already merged the apps' `load_balancer` blocks. With `exclude_unhealthy:
+false` health only informs (`lb health`); it never takes a backend out of the pool.
 
 The state the loop sees, first match wins: process not online, unhealthy or quarantined -> DOWN;
 breaker open -> OPEN; draining -> DRAINING; breaker half-open -> HALF_OPEN (with the configured
