@@ -147,6 +147,7 @@ BACKEND_COLUMNS = [
     Column("listener", "listener", align="right"),
     Column("state", "state", state=True),
     Column("weight", "weight", align="right"),
+    Column("score", "score", align="right"),  # performance_based listeners only
     Column("active", "active", align="right"),
     Column("breaker", "breaker", state=True),
     Column("requests", "requests", align="right"),
@@ -173,6 +174,14 @@ HEALTH_TEST_COLUMNS = [
 TRAFFIC_COLUMNS = [
     Column("address", "address"),
     Column("instance", "instance"),
+    Column("listener", "listener", align="right"),
+    Column("requests 1m", "requests_last_minute", align="right"),
+    Column("share 1m", "share_last_minute", align="right", format=format_percent),
+    Column("requests", "requests_total", align="right"),
+    Column("share", "share_total", align="right", format=format_percent),
+]
+REGION_TRAFFIC_COLUMNS = [
+    Column("client region", "client_region"),
     Column("listener", "listener", align="right"),
     Column("requests 1m", "requests_last_minute", align="right"),
     Column("share 1m", "share_last_minute", align="right", format=format_percent),
@@ -487,7 +496,22 @@ def _lb_table(cmd: str, columns: list[Column]):
 cmd_lb_status = _lb_table("lb_status", LISTENER_COLUMNS)
 cmd_lb_health = _lb_table("lb_health", HEALTH_COLUMNS)
 cmd_lb_backends = _lb_table("lb_backends", BACKEND_COLUMNS)
-cmd_lb_traffic = _lb_table("lb_traffic", TRAFFIC_COLUMNS)
+
+
+def cmd_lb_traffic(args: dict, client: ControlClient) -> int:
+    """Shares per backend; a geographic listener's rows by client region follow in a second table."""
+    rows = client.call("lb_traffic")
+    if args["--json"]:
+        _print_json(rows)
+        return 0
+    colour = use_colour(sys.stdout)
+    backends = [row for row in rows if "client_region" not in row]
+    regions = [dict(row, client_region=row["client_region"] or "unknown") for row in rows if "client_region" in row]
+    print(_table(backends, TRAFFIC_COLUMNS, colour))
+    if regions:
+        print()
+        print(render_table(REGION_TRAFFIC_COLUMNS, regions, colour))
+    return 0
 
 
 def cmd_lb_stats(args: dict, client: ControlClient) -> int:

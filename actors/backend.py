@@ -2,7 +2,8 @@
 
 It hears its share of every LoopReport (`BackendOutcomes`: the outcomes of requests this backend
 served plus the in-flight gauge) and keeps what `lb backends` and the performance_based scorer need:
-an EWMA of response time (half-life 10 s), the error rate over the last minute, request and byte counts.
+an EWMA of response time (half-life 10 s; shorter for a performance_based listener that updates more
+often, see `latency_half_life`), the error rate over the last minute, request and byte counts.
 
 Passive ejection (health_aware_round_robin): a live-traffic failure (connect error, reset, timeout,
 5xx) tells the Listener actor to `Eject` this backend at once; the Listener decides whether it may
@@ -25,6 +26,17 @@ ERROR_WINDOW = 60.0  # seconds of history behind error_rate and requests_per_sec
 RATE_WINDOW = 10.0  # seconds behind requests_per_second
 
 
+def latency_half_life(listener: ListenerConfig) -> float:
+    """LATENCY_HALF_LIFE, or a quarter of the `update_interval` of a performance_based listener when
+    that is shorter: each score must reflect the interval before it (older samples weigh 1/16 or
+    less), or a backend that slowed down or recovered would be scored on its past for many intervals.
+    The samples are per request, so a backend that gets little traffic would otherwise be judged on
+    its old requests the longest."""
+    if listener.strategy == "performance_based":
+        return min(LATENCY_HALF_LIFE, listener.update_interval / 4)
+    return LATENCY_HALF_LIFE
+
+
 class Backend(pykka.ThreadingActor):
     def __init__(self, listener: ListenerConfig, index: int, listener_ref: pykka.ActorRef):
         super().__init__()
@@ -36,7 +48,7 @@ class Backend(pykka.ThreadingActor):
         self._errors = 0
         self._bytes_in = 0
         self._bytes_out = 0
-        self._latency = Ewma(LATENCY_HALF_LIFE)
+        self._latency = Ewma(latency_half_life(listener))
         self._active = 0
         self._recent: deque[tuple[float, int, int]] = deque()  # (time.monotonic(), requests, errors) per report
 

@@ -25,6 +25,8 @@ class LoopReport:
     outcomes: tuple[Outcome, ...]
     active: dict = field(default_factory=dict)  # (listener, backend) -> requests/connections in flight
     client_connections: dict = field(default_factory=dict)  # listener -> open client connections
+    # listener -> {client region (None = unknown): requests}, from strategies that resolve regions
+    client_regions: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

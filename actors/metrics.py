@@ -90,6 +90,8 @@ class MetricsActor(pykka.ThreadingActor):
 
     def report(self, report: LoopReport) -> None:
         self._metrics.record(report.outcomes, self._clock())
+        if report.client_regions:
+            self._metrics.record_client_regions(report.client_regions, self._clock())
         self._metrics.set_connections(report.active, report.client_connections)
         if self._timings:
             timings = self._timings

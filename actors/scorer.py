@@ -50,9 +50,11 @@ class Scorer(pykka.ThreadingActor):
             self._timers.tell_later(self._interval, self.actor_ref, _SCORE)
 
     def scores(self) -> list[dict]:
-        """Per backend: its current weight (the score, 1..100) and the metrics it came from."""
-        weights = self._scorer.weights
-        return [{"score": weights.get(i, MAX_WEIGHT), "metrics": vars(self._last[i]) if i in self._last else None}
+        """Per backend: its score at the last update (the weight it is moving to, 1..100, 100 = the
+        best backend), its current weight, and the metrics the score came from."""
+        scores, weights = self._scorer.scores, self._scorer.weights
+        return [{"score": scores.get(i, MAX_WEIGHT), "weight": weights.get(i, MAX_WEIGHT),
+                 "metrics": vars(self._last[i]) if i in self._last else None}
                 for i in range(len(self._backends))]
 
     def _score(self) -> None:

@@ -106,6 +106,7 @@ class IOLoop:
         """Bind now (in the caller's thread; OSError if the port is taken); the loop then accepts. TLS
         certificate and CA files are read here too, afresh on every call (ValueError if they fail)."""
         tls = ListenerTls.build(cfg)
+        strategy = self._strategy_factory(cfg)  # before binding: it may refuse the config (geo_database)
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -116,7 +117,6 @@ class IOLoop:
         except OSError:
             sock.close()
             raise
-        strategy = self._strategy_factory(cfg)
         self._bound[cfg.index] = sock.getsockname()
         self._call(self._install_listener, cfg, sock, strategy, tls)
 
@@ -247,7 +247,12 @@ class IOLoop:
         outcomes, self.outcomes = tuple(self.outcomes), []
         self.gauges_changed = False
         active = {k: v for k, v in self.active.items() if v}
-        self.on_report(LoopReport(outcomes, active, dict(self.client_connections)))
+        regions = {}
+        for index, listener in self.listeners.items():
+            counts = listener.strategy.take_client_regions()
+            if counts:
+                regions[index] = counts
+        self.on_report(LoopReport(outcomes, active, dict(self.client_connections), regions))
 
     def _shutdown(self) -> None:
         for listener in list(self.listeners.values()):

@@ -203,7 +203,7 @@ def _format_number(value: float) -> str:
 class _Second:
     """One second of recent traffic of one listener."""
 
-    __slots__ = ("second", "requests", "failures", "latency", "by_backend")
+    __slots__ = ("second", "requests", "failures", "latency", "by_backend", "by_region")
 
     def __init__(self, second: int) -> None:
         self.second = second
@@ -211,6 +211,7 @@ class _Second:
         self.failures = 0
         self.latency = LatencyHistogram()
         self.by_backend: dict[str, int] = {}
+        self.by_region: dict[str | None, int] = {}  # client region (None = unknown) -> requests
 
 
 class _BackendSeries:
@@ -237,6 +238,7 @@ class _ListenerSeries:
         self.started = now
         self.backends: dict[str, _BackendSeries] = {}
         self.by_index: list[_BackendSeries] = []
+        self.client_regions: dict[str | None, int] = {}  # geographic listeners: requests by client region
         self.configure(config)
 
     def configure(self, config: ListenerConfig) -> None:
@@ -340,6 +342,18 @@ class LoadBalancerMetrics:
                 backend.by_class[code_class] += 1
                 slot.by_backend[backend.address] = slot.by_backend.get(backend.address, 0) + 1
 
+    def record_client_regions(self, regions: dict[int, dict[str | None, int]], now: float) -> None:
+        """Requests by client region per listener index (a LoopReport's `client_regions`: the regions
+        the geographic strategy resolved; None = unknown)."""
+        for index, counts in regions.items():
+            series = self._listeners.get(index)
+            if series is None:
+                continue
+            slot = series.second(now)
+            for region, n in counts.items():
+                slot.by_region[region] = slot.by_region.get(region, 0) + n
+                series.client_regions[region] = series.client_regions.get(region, 0) + n
+
     def set_connections(self, active: dict, client_connections: dict) -> None:
         """Gauges from a LoopReport; each report is the whole picture (absent = 0)."""
         for index, series in self._listeners.items():
@@ -402,13 +416,18 @@ class LoadBalancerMetrics:
         }
 
     def traffic(self, now: float) -> list[dict]:
-        """Share of each listener's backend-served requests per backend, in percent."""
+        """Share of each listener's backend-served requests per backend, in percent; then, for a
+        listener that resolves client regions (geographic), one row per `client_region` (None =
+        unknown) with the same counts and shares of its requests by where the clients are."""
         rows = []
         for _, series in self._sorted():
             recent: dict[str, int] = {}
+            recent_regions: dict[str | None, int] = {}
             for s in series.seconds_since(now, RECENT_WINDOW):
                 for address, n in s.by_backend.items():
                     recent[address] = recent.get(address, 0) + n
+                for region, n in s.by_region.items():
+                    recent_regions[region] = recent_regions.get(region, 0) + n
             totals = {address: sum(b.by_class) for address, b in series.backends.items()}
             recent_sum, total_sum = sum(recent.values()), sum(totals.values())
             for address, backend in series.backends.items():
@@ -420,6 +439,17 @@ class LoadBalancerMetrics:
                     "share_last_minute": _percent(recent.get(address, 0), recent_sum),
                     "requests_total": totals[address],
                     "share_total": _percent(totals[address], total_sum),
+                })
+            regions = series.client_regions
+            recent_sum, total_sum = sum(recent_regions.values()), sum(regions.values())
+            for region in sorted(regions, key=lambda r: (r is None, r or "")):
+                rows.append({
+                    "listener": series.config.port,
+                    "client_region": region,
+                    "requests_last_minute": recent_regions.get(region, 0),
+                    "share_last_minute": _percent(recent_regions.get(region, 0), recent_sum),
+                    "requests_total": regions[region],
+                    "share_total": _percent(regions[region], total_sum),
                 })
         return rows
 

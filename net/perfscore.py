@@ -85,10 +85,17 @@ class PerformanceScorer:
         total = sum(weights.values())
         self._weights = {name: w / total for name, w in weights.items() if w > 0}
         self._current: dict[str, float] = {}
+        self._targets: dict[str, float] = {}
 
     @property
     def weights(self) -> dict[str, int]:
         return {key: _as_int(w) for key, w in self._current.items()}
+
+    @property
+    def scores(self) -> dict[str, int]:
+        """Each backend's score at the last update: the weight it is moving to (MAX_WEIGHT for the
+        best backend, less for the others in proportion to their cost, never below FLOOR)."""
+        return {key: _as_int(t) for key, t in self._targets.items()}
 
     def update(self, metrics: Mapping[str, BackendMetrics]) -> dict[str, int]:
         """New integer weights for the backends in `metrics` (keyed as given, e.g. by address).
@@ -102,11 +109,12 @@ class PerformanceScorer:
             for key, value in zip(metrics, values):
                 costs[key] += share * ((value + noise) / (best + noise) if value is not None else 1.0)
         lowest = min(costs.values(), default=1.0)
-        current = {}
+        current, targets = {}, {}
         for key, cost in costs.items():
-            target = max(MAX_WEIGHT * lowest / cost, FLOOR)
+            target = targets[key] = max(MAX_WEIGHT * lowest / cost, FLOOR)
             current[key] = self._current.get(key, MAX_WEIGHT) * SMOOTHING + target * (1 - SMOOTHING)
         self._current = current
+        self._targets = targets
         return self.weights
 
 

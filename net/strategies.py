@@ -6,6 +6,7 @@ Sans-I/O and single-threaded: the I/O loop owns one strategy per listener and ca
     choose(client_ip, head, exclude) -> BackendView | None      per request (HTTP) / connection (TCP)
     started(index), finished(index)                              in-flight accounting
     response_headers(head, chosen) -> ((name, value), ...)       extra response headers (Set-Cookie)
+    take_client_regions() -> {region: count}                     per report: requests by client region
 
 `client_ip` is the TCP peer's address. Where the client's own address matters (`ip_hash`,
 `geographic`) a strategy looks behind trusted proxies itself through X-Forwarded-For, because only it
@@ -155,6 +156,11 @@ class Strategy:
     def response_headers(self, head: RequestView | None, chosen: BackendView) -> tuple[tuple[bytes, bytes], ...]:
         """Headers to add to the backend's response to this request; only sticky sessions add any."""
         return ()
+
+    def take_client_regions(self) -> dict[str | None, int]:
+        """Requests (HTTP) or connections (TCP) per client region (None = unknown) since the last call,
+        for `lb traffic`; only `geographic` resolves regions, the others count nothing."""
+        return {}
 
     def _rebuild(self, routable: tuple[_Peer, ...]) -> None:
         raise NotImplementedError
@@ -410,6 +416,7 @@ class Geographic(Strategy):
         self._rotations: dict[str | None, _Rotation] = {}  # region -> rotation; None = any region
         self._tiers: dict[str, tuple[_Rotation, ...]] = {}
         self._unknown_tiers: tuple[_Rotation, ...] = ()
+        self._client_regions: dict[str | None, int] = {}
 
     def _rebuild(self, routable: tuple[_Peer, ...]) -> None:
         by_region: dict[str, list[_Peer]] = {peer.view.region: [] for peer in self._peers if peer.view.region}
@@ -442,6 +449,8 @@ class Geographic(Strategy):
             if resolver.region_header:
                 header_value = head.header(resolver.region_header)
         region = resolver.region_for(client_ip, header_value, client)
+        if not exclude:  # a retry is the same request again
+            self._client_regions[region] = self._client_regions.get(region, 0) + 1
         tiers = self._tiers.get(region, self._unknown_tiers) if region is not None else self._unknown_tiers
         gate = self._trial_gate
         for rotation in tiers:
@@ -449,6 +458,10 @@ class Geographic(Strategy):
             if peer is not None:
                 return peer.view
         return None
+
+    def take_client_regions(self) -> dict[str | None, int]:
+        counts, self._client_regions = self._client_regions, {}
+        return counts
 
 
 def make_strategy(listener: ListenerConfig, *, clock: Clock = time.time, session_key: bytes | None = None) -> Strategy:
