@@ -634,7 +634,8 @@ def _parse_app_balancing(obj: _Obj | None) -> tuple[AppBalancing | None, dict]:
 
 def _parse_aws(obj: _Obj) -> dict | None:
     aws = obj.obj("aws", ("alb",))
-    alb = aws.obj("alb", ("target_group_arn", "health_check_path", "deregistration_delay")) if aws else None
+    alb = aws.obj("alb", ("target_group_arn", "health_check_path", "deregistration_delay", "endpoint_url",
+                          "target_id")) if aws else None
     if alb is None:
         return None
     arn = alb.string("target_group_arn", required="the ARN of the ALB target group to register instances in")
@@ -644,11 +645,33 @@ def _parse_aws(obj: _Obj) -> dict | None:
     check_path = alb.string("health_check_path", "/health")
     if not check_path.startswith("/"):
         raise alb.error("health_check_path", f"expected a path starting with '/', got {check_path!r}")
+    optional = {"endpoint_url": _alb_endpoint(alb), "target_id": _alb_target_id(alb)}
     return {
         "target_group_arn": arn,
         "health_check_path": check_path,
         "deregistration_delay": alb.duration("deregistration_delay", 300.0, "s"),
+        **{key: value for key, value in optional.items() if value is not None},
     }
+
+
+def _alb_endpoint(alb: _Obj) -> str | None:
+    """A non-AWS elbv2 endpoint (LocalStack, moto); env PMDAEMON_AWS_ENDPOINT_URL overrides it (actors/alb.py)."""
+    url = alb.string("endpoint_url")
+    if url is not None and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc):
+        raise alb.error("endpoint_url", f"expected an http:// or https:// URL, got {url!r}")
+    return url
+
+
+def _alb_target_id(alb: _Obj) -> str | None:
+    """The target Id: an IP address (ip target group) or an EC2 instance id; None = this host's primary IPv4."""
+    target = alb.string("target_id")
+    if target is None or re.match(r"^i-[0-9a-f]{8,17}$", target):
+        return target
+    try:
+        return str(ipaddress.ip_address(target))
+    except ValueError:
+        raise alb.error("target_id", "expected an IP address (ip target group) or an EC2 instance id "
+                                     f"('i-0123456789abcdef0'), got {target!r}") from None
 
 
 def _check_apps_together(apps: list[_App]) -> None:
