@@ -20,9 +20,10 @@ Content-Length, obs-fold, whitespace before a colon, bare CR or LF, control byte
 size) raises `HttpError`, the only exception this module raises. Its `status` is what a proxy
 answers: 400, 413, 414 or 431 for requests; responses always say 502 (invalid response).
 
-Hot-path notes: heads are checked with `bytes.translate`/`count` and split with one regex
-`findall` over the field block (C loops, not a Python loop per line), header fields are kept in arrival order as `(lowercase name, value, raw line)` tuples, so duplicates stay
-visible and forwarding a kept header is joining its raw line.
+Hot-path notes: heads are checked with `bytes.translate`/`count` and their field names found with
+one regex `findall` (C loops, not a Python loop per line). Header fields are kept in arrival order
+as `(lowercase name, raw line)` pairs, so duplicates stay visible, forwarding a kept header is
+joining its raw line, and values are sliced out (`field_value`) only for the few fields read.
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ _HEX = b"0123456789abcdefABCDEF"
 # Every byte a head may contain: visible ASCII, SP, HTAB, obs-text, and CR/LF (checked in pairs).
 _HEAD_BYTES = bytes([9, 10, 13]) + bytes(range(32, 127)) + bytes(range(128, 256))
 _BODY_FREE_STATUSES = frozenset((204, 304))
+_REQUEST_FRAMING_NAMES = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect",
+                                    b"upgrade"))
+_RESPONSE_FRAMING_NAMES = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 # Body framing states.
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_CRLF, _TRAILER, _UNTIL_CLOSE, _DONE = range(8)
@@ -61,20 +65,24 @@ def _split_tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
 
 
-# One field line: token name, colon, optional whitespace, value (trailing whitespace stripped
-# afterwards). `^` under re.M only matches at line starts, so a line that does not match can never
-# be matched from its middle; the caller checks that every line matched (count), and lines hold no
-# CR/LF by then. One `findall` over the block replaces a Python loop of find/slice/translate per line.
-_FIELD = re.compile(rb"^(([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n]*))(?:\r\n|\Z)", re.M)
+# A field name at a line start (the head is lowered first, so names come out lowercase). Lines
+# hold no bare CR/LF by then, so "\n" marks exactly the line starts, and a line whose name is not a
+# token followed at once by ":" yields no match; the caller checks one match per line. One `findall`
+# replaces a Python loop of find/slice/translate per line.
+_NAME = re.compile(rb"\n([!#$%&'*+\-.^_`|~0-9a-z]+):")
 
 
-def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes, bytes]]:
-    """Header lines -> [(lowercase name, value, raw line)]; strict RFC 9112 field syntax.
+def field_value(lname: bytes, line: bytes) -> bytes:
+    """The value of a field line (name, colon, optional whitespace, value, optional whitespace)."""
+    return line[len(lname) + 1:].strip(b" \t")
 
-    The slow path: used for trailers and to name the defect when `_split_head`'s regex did not
+
+def _check_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes]]:
+    """Header lines -> [(lowercase name, raw line)] with strict RFC 9112 field syntax.
+
+    The slow path: used for trailers, and to name the defect when `_split_head`'s regex did not
     match every line."""
     fields = []
-    append = fields.append
     for line in lines:
         colon = line.find(b":")
         if colon <= 0:
@@ -88,12 +96,15 @@ def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes, b
             if name[-1:] in (b" ", b"\t"):
                 raise HttpError(status, "whitespace before the colon of a header name")
             raise HttpError(status, "invalid character in a header name")
-        append((name.lower(), line[colon + 1:].strip(b" \t"), line))
+        fields.append((name.lower(), line))
     return fields
 
 
-def _split_head(head: bytes, status: int, max_fields: int) -> tuple[bytes, list[tuple[bytes, bytes, bytes]]]:
-    """Head bytes (final CRLFCRLF excluded) -> (first line, fields); rejects control bytes, bare CR/LF."""
+def _split_head(head: bytes, status: int, max_fields: int) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """Head bytes (final CRLFCRLF excluded) -> (first line, [(lowercase name, raw line)]).
+
+    Rejects control bytes and bare CR or LF. Field values are not extracted here: most fields are
+    only forwarded, so `field_value` is applied to the few the caller needs."""
     if head.translate(None, _HEAD_BYTES):
         raise HttpError(status, "control character in the message head")
     crlf = head.count(b"\r\n")
@@ -103,11 +114,13 @@ def _split_head(head: bytes, status: int, max_fields: int) -> tuple[bytes, list[
         return head, []
     if crlf > max_fields:
         raise HttpError(431 if status == 400 else status, f"more than {max_fields} header fields")
-    eol = head.find(b"\r\n")
-    found = _FIELD.findall(head, eol + 2)
-    if len(found) != crlf:
-        return head[:eol], _parse_fields(head[eol + 2:].split(b"\r\n"), status)
-    return head[:eol], [(name.lower(), value.rstrip(b" \t"), line) for line, name, value in found]
+    names = _NAME.findall(head.lower())
+    lines = head.split(b"\r\n")
+    first = lines[0]
+    del lines[0]
+    if len(names) != crlf:
+        return first, _check_fields(lines, status)
+    return first, list(zip(names, lines))
 
 
 class _Head:
@@ -118,14 +131,14 @@ class _Head:
     def header(self, name: bytes) -> bytes | None:
         """First value of header `name` (any case), or None."""
         name = name.lower()
-        for lname, value, _line in self.fields:
+        for lname, line in self.fields:
             if lname == name:
-                return value
+                return field_value(lname, line)
         return None
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """(name as received, value) pairs in arrival order, duplicates included."""
-        return [(line[:line.find(b":")], value) for _l, value, line in self.fields]
+        return [(line[:len(lname)], field_value(lname, line)) for lname, line in self.fields]
 
 
 class RequestHead(_Head):
@@ -134,10 +147,10 @@ class RequestHead(_Head):
     def cookie(self, name: str) -> str | None:
         """Value of cookie `name` from the Cookie header(s), or None."""
         wanted = name.encode("latin-1")
-        for lname, value, _line in self.fields:
+        for lname, line in self.fields:
             if lname != b"cookie":
                 continue
-            for pair in value.split(b";"):
+            for pair in field_value(lname, line).split(b";"):
                 key, eq, val = pair.strip(b" \t").partition(b"=")
                 if eq and key == wanted:
                     return val.strip(b'"').decode("latin-1")
@@ -179,9 +192,10 @@ def parse_request_head(head: bytes, max_fields: int = MAX_FIELDS) -> RequestHead
     host = None
     tokens: list[bytes] = []
     expect = upgrade_ws = False
-    for lname, value, _line in fields:
-        if len(lname) > 17 or lname[0] not in b"chtue":
-            continue  # fast skip: none of the names below
+    for lname, line in fields:
+        if lname not in _REQUEST_FRAMING_NAMES:
+            continue
+        value = line[len(lname) + 1:].strip(b" \t")
         if lname == b"host":
             if host is not None:
                 raise HttpError(400, "more than one Host header")
@@ -202,7 +216,7 @@ def parse_request_head(head: bytes, max_fields: int = MAX_FIELDS) -> RequestHead
             tokens += _split_tokens(value)
         elif lname == b"expect":
             expect = value.lower() == b"100-continue"
-        elif lname == b"upgrade":
+        else:  # upgrade
             upgrade_ws = b"websocket" in _split_tokens(value)
     if chunked and content_length is not None:
         raise HttpError(400, "both Content-Length and Transfer-Encoding")
@@ -241,7 +255,10 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     content_length = None
     transfer_codings: list[bytes] = []
     tokens: list[bytes] = []
-    for lname, value, _line in fields:
+    for lname, line in fields:
+        if lname not in _RESPONSE_FRAMING_NAMES:
+            continue
+        value = line[len(lname) + 1:].strip(b" \t")
         if lname == b"content-length":
             if not value.isdigit() or len(value) > 18:
                 raise HttpError(502, "invalid Content-Length in the response")
@@ -250,7 +267,7 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
             content_length = int(value)
         elif lname == b"transfer-encoding":
             transfer_codings += _split_tokens(value)
-        elif lname == b"connection":
+        else:  # connection
             tokens += _split_tokens(value)
     if transfer_codings and content_length is not None:
         raise HttpError(502, "both Content-Length and Transfer-Encoding in the response")
@@ -417,7 +434,7 @@ class _Reader:
                 self._trailer_size += len(line) + 2
                 if self._trailer_size > self._max_trailer:
                     raise HttpError(status, "trailer section too large")
-                _parse_fields([line], status)
+                _check_fields([line], status)
                 if line.translate(None, _HEAD_BYTES) or b"\r" in line or b"\n" in line:
                     raise HttpError(status, "control character in a trailer")
                 pos = eol + 2

@@ -33,15 +33,19 @@ import socket
 
 from net.channel import Channel
 from net.config import ListenerConfig
-from net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead
+from net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead, field_value
 from net.responses import lb_response
 from net.snapshot import Outcome, PoolSnapshot
 from net.tokenbucket import RateLimiter
 from net.upstream import RECV_SIZE, BackendConnection, UpstreamPool
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
+HOP_BY_HOP_BUT_UPGRADE = HOP_BY_HOP - {b"upgrade"}
+_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
+DROP_UNTRUSTED = HOP_BY_HOP | _FORWARDED  # the peer's X-Forwarded-* are replaced by ours
+DROP_TRUSTED = HOP_BY_HOP | {b"x-forwarded-for"}  # re-added with the peer appended
 # Never dropped because a Connection header names them (a known request-smuggling trick).
-PROTECTED = frozenset((b"content-length", b"transfer-encoding", b"host"))
+PROTECTED = frozenset((b"content-length", b"transfer-encoding", b"host")) | _FORWARDED
 CRLF = b"\r\n"
 
 BUFFER_HIGH = 256 * 1024  # stop reading a side while the other side has this much unsent
@@ -130,7 +134,7 @@ class HttpListener:
 
 
 class ClientConnection(Channel):
-    __slots__ = ("listener", "ip", "ip_bytes", "reader", "state", "head_since", "pumping", "head",
+    __slots__ = ("listener", "ip", "ip_bytes", "forwarded_for", "reader", "state", "head_since", "pumping", "head",
                  "t_head", "latency", "bytes_in", "bytes_out", "request_done", "replay", "replay_size",
                  "attempts", "exclude", "view", "up", "up_ready", "resp", "sent_to_client",
                  "keep_client", "last_error", "retry_timer", "status", "eof")
@@ -142,6 +146,7 @@ class ClientConnection(Channel):
         self.listener = listener
         self.ip = ip
         self.ip_bytes = ip.encode()
+        self.forwarded_for = b"X-Forwarded-For: " + self.ip_bytes + CRLF + listener.forwarded_proto
         self.reader = RequestReader(listener.max_header_size, listener.max_body)
         self.state = WAIT_HEAD
         self.head_since: float | None = None
@@ -349,52 +354,45 @@ class ClientConnection(Channel):
             self._attempt()
 
     def _forward_head(self, head: RequestHead) -> bytes:
+        """The request head as the backend gets it: hop-by-hop fields dropped, X-Forwarded-* set."""
         listener = self.listener
         trusted = listener.trusted and listener.is_trusted(self.ip)
-        tokens = head.connection_tokens
-        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n" if head.version == 11 else b" HTTP/1.0\r\n"]
-        append = parts.append
-        prior_for = None
-        have_proto = have_host = False
-        for lname, value, line in head.fields:
-            if lname in HOP_BY_HOP:
-                if lname == b"upgrade" and head.websocket:
-                    append(line)
-                    append(CRLF)
-                continue
-            if lname[:12] == b"x-forwarded-":
-                if lname == b"x-forwarded-for":
-                    if trusted:
-                        prior_for = value if prior_for is None else prior_for + b", " + value
-                    continue
-                if lname == b"x-forwarded-proto":
-                    if not trusted:
-                        continue
-                    have_proto = True
-                elif lname == b"x-forwarded-host":
-                    if not trusted:
-                        continue
-                    have_host = True
-            if tokens and lname in tokens and lname not in PROTECTED:
-                continue
-            append(line)
-            append(CRLF)
-        append(b"X-Forwarded-For: ")
-        append(prior_for + b", " + self.ip_bytes if prior_for else self.ip_bytes)
-        append(CRLF)
-        if not have_proto:
-            append(listener.forwarded_proto)
-        if not have_host and head.host is not None:
-            append(b"X-Forwarded-Host: ")
-            append(head.host)
-            append(CRLF)
+        drop = DROP_TRUSTED if trusted else DROP_UNTRUSTED
         if head.websocket:
-            append(b"Connection: Upgrade\r\n")
+            drop = drop - {b"upgrade"}
+        tokens = head.connection_tokens
+        if tokens:
+            extra = [t for t in tokens if t not in HOP_BY_HOP and t not in PROTECTED]
+            if extra:
+                drop = drop.union(extra)
+        fields = head.fields
+        kept = [line for lname, line in fields if lname not in drop]
+        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n" if head.version == 11 else b" HTTP/1.0\r\n"]
+        if kept:
+            parts.append(b"\r\n".join(kept))
+            parts.append(CRLF)
+        if trusted:
+            prior = [field_value(lname, line) for lname, line in fields if lname == b"x-forwarded-for"]
+            if prior:
+                parts += (b"X-Forwarded-For: ", b", ".join(prior), b", ", self.ip_bytes, CRLF)
+            else:
+                parts += (b"X-Forwarded-For: ", self.ip_bytes, CRLF)
+            if head.header(b"x-forwarded-proto") is None:
+                parts.append(listener.forwarded_proto)
+            if head.host is not None and head.header(b"x-forwarded-host") is None:
+                parts += (b"X-Forwarded-Host: ", head.host, CRLF)
+        else:
+            parts.append(self.forwarded_for)
+            if head.host is not None:
+                parts += (b"X-Forwarded-Host: ", head.host, CRLF)
+        if head.websocket:
+            parts.append(b"Connection: Upgrade\r\n\r\n")
         elif not listener.pool.reuse:
-            append(b"Connection: close\r\n")
+            parts.append(b"Connection: close\r\n\r\n")
         elif head.version == 10:
-            append(b"Connection: keep-alive\r\n")
-        append(CRLF)
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(CRLF)
         return b"".join(parts)
 
     # ---- choosing a backend ------------------------------------------------------------------
@@ -614,20 +612,17 @@ class ClientConnection(Channel):
 
     # ---- response side -----------------------------------------------------------------------
     def _filtered_response(self, resp: ResponseHead, keep_upgrade: bool) -> list[bytes]:
-        parts = [resp.status_line, CRLF]
-        append = parts.append
+        """Status line and end-to-end fields of a response, each line CRLF-terminated, as parts."""
+        drop = HOP_BY_HOP_BUT_UPGRADE if keep_upgrade else HOP_BY_HOP
         tokens = resp.connection_tokens
-        for lname, _value, line in resp.fields:
-            if lname in HOP_BY_HOP:
-                if keep_upgrade and lname == b"upgrade":
-                    append(line)
-                    append(CRLF)
-                continue
-            if tokens and lname in tokens and lname not in PROTECTED:
-                continue
-            append(line)
-            append(CRLF)
-        return parts
+        if tokens:
+            extra = [t for t in tokens if t not in HOP_BY_HOP and t not in PROTECTED]
+            if extra:
+                drop = drop.union(extra)
+        kept = [line for lname, line in resp.fields if lname not in drop]
+        if kept:
+            return [resp.status_line, CRLF, b"\r\n".join(kept), CRLF]
+        return [resp.status_line, CRLF]
 
     def _response_head(self, resp: ResponseHead) -> bytes:
         """The final response head as the client gets it (the caller writes it)."""
@@ -680,15 +675,16 @@ class ClientConnection(Channel):
             self._close_soon()
             return
         self.state = WAIT_HEAD
-        self.reader.start_next()
-        if self.reader.buffered:
-            self.head_since = loop.now
-            self.set_deadline(loop.now + self.listener.header_timeout)
-        else:
-            self.set_deadline(loop.now + self.listener.idle_timeout)
+        reader = self.reader
+        reader.start_next()
         if not self.reading:
             self.resume_reading()
-        self.pump()
+        if reader.buffered:  # a pipelined request is waiting
+            self.head_since = loop.now
+            self.set_deadline(loop.now + self.listener.header_timeout)
+            self.pump()
+        else:
+            self.set_deadline(loop.now + self.listener.idle_timeout)
 
     def respond(self, status: int, why: str, error: str, backend: int = -1, retry_after: float | None = None) -> None:
         """Answer with a response the load balancer makes itself."""
