@@ -28,6 +28,7 @@ Theory of operation
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -114,7 +115,7 @@ def default_target_id() -> str:
 def require_boto3(where: str) -> None:
     """Raise RuntimeError naming the config path when boto3 cannot be imported."""
     try:
-        import boto3  # noqa: F401  (imported here only to fail early with a clear message)
+        importlib.import_module("boto3")
     except ImportError:
         raise RuntimeError(MISSING_BOTO3.format(where=where)) from None
 
@@ -151,7 +152,7 @@ class AlbRegistrar(pykka.ThreadingActor):
         self._groups: dict[str, AlbSettings] = {}  # target group ARN -> the settings that name it (kept)
         self._instances: dict[str, _Instance] = {}
         self._drained: set[str] = set()
-        self._registered: dict[Target, str] = {}  # target -> instance name
+        self._registered: set[Target] = set()
         self._configured_groups: set[str] = set()
         self._clients: dict[tuple[str, str | None], object] = {}
         self._default_id: str | None = None
@@ -181,10 +182,6 @@ class AlbRegistrar(pykka.ThreadingActor):
                 self._drained.discard(name)
         self._reconcile()
         return [self._row(name) for name in names]
-
-    def targets(self) -> list[dict]:
-        """Every watched instance: its target, target group, whether it is registered now, and why not."""
-        return [self._row(name) for name in sorted(self._instances)]
 
     # --- messages ---
 
@@ -220,8 +217,8 @@ class AlbRegistrar(pykka.ThreadingActor):
             self._default_id = default_target_id()
         return Target(settings.target_group_arn, settings.target_id or self._default_id, instance.port)
 
-    def _wanted(self) -> dict[Target, str]:
-        return {self._target(name): name for name, instance in self._instances.items()
+    def _wanted(self) -> set[Target]:
+        return {self._target(name) for name, instance in self._instances.items()
                 if instance.status == ONLINE and name not in self._drained}
 
     def _reconcile(self) -> None:
@@ -231,14 +228,12 @@ class AlbRegistrar(pykka.ThreadingActor):
         ok = True
         for arn, targets in _by_group(stale).items():
             if self._call("deregister_targets", arn, targets, tolerate="InvalidTarget"):
-                for target in targets:
-                    del self._registered[target]
+                self._registered.difference_update(targets)
             else:
                 ok = False
         for arn, targets in _by_group(missing).items():
             if self._call("register_targets", arn, targets):
-                for target in targets:
-                    self._registered[target] = wanted[target]
+                self._registered.update(targets)
             else:
                 ok = False
         if ok:
@@ -252,7 +247,8 @@ class AlbRegistrar(pykka.ThreadingActor):
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            getattr(self._client(self._groups[arn]), operation)(TargetGroupArn=arn, Targets=[t.for_aws() for t in targets])
+            call = getattr(self._client(self._groups[arn]), operation)
+            call(TargetGroupArn=arn, Targets=[t.for_aws() for t in targets])
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") == tolerate:
                 return True
@@ -314,8 +310,8 @@ class AlbRegistrar(pykka.ThreadingActor):
         host, _, port = wanted.rpartition(":")
         if not port.isdigit():
             return []
-        return [name for name in sorted(self._instances)
-                if self._instances[name].port == int(port) and host in ("127.0.0.1", "localhost", self._target(name).id)]
+        return [name for name in sorted(self._instances) if self._instances[name].port == int(port)
+                and host in ("127.0.0.1", "localhost", self._target(name).id)]
 
     def _row(self, name: str) -> dict:
         instance = self._instances.get(name)

@@ -20,7 +20,8 @@ import pytest
 from conftest import free_port, free_port_range, http_app_config, wait_until, write_config
 
 boto3 = pytest.importorskip("boto3", reason="boto3 is not installed (pip install 'pmdaemon[aws-test]')")
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'pmdaemon[aws-test]')")
+moto_server = pytest.importorskip("moto.server",
+                                  reason="moto[server] is not installed (pip install 'pmdaemon[aws-test]')")
 moto_elbv2 = pytest.importorskip("moto.elbv2.models")
 
 from actors.alb import ENDPOINT_ENV, default_target_id  # noqa: E402
