@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
+import ssl
 from pathlib import Path
 
 import pytest
+import trustme
 
 from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
 
@@ -129,6 +132,20 @@ def test_forged_or_foreign_cookies_are_balanced_normally_and_replaced(tmp_path, 
         assert {get(lb_port, with_cookie(reply.cookie())).backend for _ in range(2)} == {reply.backend}
 
 
+def test_a_cookie_older_than_the_session_timeout_no_longer_pins(tmp_path, app_script, foreground_daemon, pmdaemon):
+    config, lb_port = sticky_config(tmp_path, app_script, session={"timeout": 1})
+    foreground_daemon(config)
+    rows = wait_states(pmdaemon, ["up", "up", "up"])
+    first = get(lb_port)
+    assert "Max-Age=1" in first.set_cookie
+    assert get(lb_port, with_cookie(first.cookie())).backend == first.backend
+    wait_until(lambda: get(lb_port, with_cookie(first.cookie())).set_cookie, 5, interval=0.2,
+               message="the cookie to go stale (re-issued)")
+    replies = [get(lb_port, with_cookie(first.cookie())) for _ in range(6)]
+    assert {reply.backend for reply in replies} == {port_of(row) for row in rows}  # balanced, not pinned
+    assert all(reply.set_cookie for reply in replies)
+
+
 def test_a_stopped_pinned_backend_is_rebalanced_and_the_cookie_reissued(tmp_path, app_script, foreground_daemon,
                                                                           pmdaemon):
     config, lb_port = sticky_config(tmp_path, app_script)
@@ -178,6 +195,32 @@ def test_drain_keeps_pinned_clients_and_sends_new_ones_elsewhere(tmp_path, app_s
 
     pmdaemon.json("lb", "enable", drained["instance"])
     assert first.backend in {get(lb_port).backend for _ in range(6)}
+
+
+def test_under_tls_the_cookie_is_secure(tmp_path, app_script, foreground_daemon, pmdaemon):
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    os.chmod(tmp_path / "server.key", 0o600)
+    config, lb_port = sticky_config(tmp_path, app_script, ssl={
+        "enabled": True, "cert_file": str(tmp_path / "server.crt"), "key_file": str(tmp_path / "server.key")})
+    foreground_daemon(config)
+    wait_states(pmdaemon, ["up", "up", "up"])
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+
+    def get_tls(headers: dict | None = None) -> Reply:
+        connection = http.client.HTTPSConnection("127.0.0.1", lb_port, timeout=10, context=context)
+        try:
+            connection.request("GET", "/", headers=headers or {})
+            return Reply(connection.getresponse())
+        finally:
+            connection.close()
+
+    first = get_tls()
+    assert "Secure" in [part.strip() for part in first.set_cookie.split(";")]
+    assert {get_tls(with_cookie(first.cookie())).backend for _ in range(4)} == {first.backend}
 
 
 def test_cookies_survive_a_daemon_restart(tmp_path, app_script, foreground_daemon, pmdaemon, pmdaemon_home):
