@@ -15,6 +15,10 @@ Paths choose behaviours:
   /close          answer with Connection: close and close
   /until-close    HTTP/1.0-style body delimited by closing the connection
   /ws             websocket handshake, then echo every frame (text/binary) back
+  /sleep/<ms>     answer after that many milliseconds
+  /garbage        answer bytes that are not HTTP
+  /then-drop      answer (keep-alive), then drop the connection when its next request arrives
+                  (a server closing an idle keep-alive connection just as the proxy reuses it)
 anything else: 200, body "<name> <method> <target>".
 An `Expect: 100-continue` request gets "100 Continue" before the body is read.
 """
@@ -63,6 +67,7 @@ class RecordingBackend:
         self.name = name
         self.requests: list[dict] = []
         self.accepts = 0
+        self.dropped = 0  # requests dropped unanswered by /then-drop connections
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
@@ -124,6 +129,10 @@ class RecordingBackend:
     def _one_request(self, conn: _Conn) -> bool:
         head = conn.read_until(b"\r\n\r\n")
         if head is None:
+            return False
+        if getattr(conn, "drop_next", False):
+            self.dropped += 1
+            conn.sock.close()
             return False
         lines = head.decode("latin-1").split("\r\n")
         method, target, version = lines[0].split(" ")
@@ -214,6 +223,13 @@ class RecordingBackend:
                 sock.sendall(f"HTTP/1.1 {code} X\r\nContent-Length: {len(body)}\r\n{extra}{conn_hdr}\r\n".encode()
                              + (body if method != "HEAD" else b""))
             return keep
+        if target.startswith("/sleep/"):
+            self._stop.wait(int(target[7:]) / 1000)
+        if target == "/garbage":
+            sock.sendall(b"HELLO THERE\r\n\r\n")
+            return False
+        if target == "/then-drop":
+            conn.drop_next = True
         if target == "/until-close":
             sock.sendall(f"HTTP/1.1 200 OK\r\n{extra}\r\n".encode() + b"until close body")
             return False

@@ -230,3 +230,29 @@ def test_random_responses_never_raise_anything_else(data, chunk):
                 assert sum((ev.chunked, ev.until_close, ev.content_length > 0)) <= 1
     except HttpError as exc:
         assert exc.status == 502
+
+
+_FIELD_PARTS = [b"Host", b"X-A", b"x-b", b":", b" ", b"\t", b"v", b"\r\n", b"a b", b"(", b"\x80", b"\xff", b",", b";"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_FIELD_PARTS), max_size=30))
+def test_fast_field_split_agrees_with_the_strict_line_parser(parts):
+    """The regex fast path of _split_head accepts and splits exactly like the per-line checker."""
+    from net.http1 import _check_fields, _split_head
+    head = b"GET / HTTP/1.1\r\n" + b"".join(parts)
+    try:
+        first, fields = _split_head(head, 400, 1000)
+    except HttpError:
+        fast = "error"
+    else:
+        fast = fields
+    try:
+        lines = head.split(b"\r\n")
+        if head.translate(None, bytes([9, 10, 13]) + bytes(range(32, 127)) + bytes(range(128, 256))) \
+                or head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+            raise HttpError(400, "bad bytes")
+        slow = _check_fields(lines[1:], 400)
+    except HttpError:
+        slow = "error"
+    assert fast == slow

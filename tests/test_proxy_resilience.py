@@ -1,0 +1,168 @@
+"""Backend failures, timeouts and lifecycle through a real IOLoop (decisions.md sections 5, 6, 8)."""
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+
+import pytest
+
+from backends import RecordingBackend
+from net.config import Retries, Timeouts
+from proxyharness import LB, connect, read_all, read_response
+
+
+@pytest.fixture
+def backends():
+    made = []
+
+    def make(n: int = 1) -> list[RecordingBackend]:
+        new = [RecordingBackend(name) for name in "abcdefgh"[len(made):len(made) + n]]
+        made.extend(new)
+        return new
+
+    yield make
+    for backend in made:
+        backend.stop()
+
+
+@pytest.fixture
+def lb():
+    made = []
+
+    def make(backends, **options) -> LB:
+        instance = LB(backends, **options)
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        instance.close()
+
+
+def get(conn, path, method="GET", **kw):
+    conn.request(method, path, **kw)
+    resp = conn.getresponse()
+    return resp, resp.read()
+
+
+def test_stale_pooled_connection_is_not_a_backend_failure(backends, lb):
+    (a,) = backends(1)
+    proxy = lb([a])
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    assert get(conn, "/then-drop")[0].status == 200
+    resp, body = get(conn, "/after")  # pooled connection is dropped on arrival; re-sent on a fresh one
+    assert resp.status == 200 and body == b"a GET /after"
+    assert (a.accepts, a.dropped) == (2, 1)
+    assert [o.status for o in proxy.outcomes()] == [200, 200]  # no failed attempt reported
+
+
+def test_stale_pooled_connection_does_not_replay_a_post(backends, lb):
+    (a,) = backends(1)
+    proxy = lb([a])
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    assert get(conn, "/then-drop")[0].status == 200
+    resp, _ = get(conn, "/sha", "POST", body=b"once")
+    assert resp.status == 502 and a.dropped == 1
+    assert len(a.requests) == 1
+
+
+def test_retry_waits_the_configured_delay(backends, lb):
+    a, b = backends(2)
+    proxy = lb([a, b], retries=Retries(max_attempts=3, retry_delay=0.3, backoff_factor=2))
+    a.stop()
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    start = time.monotonic()
+    resp, body = get(conn, "/x")  # round robin starts at a (dead): one retry on b after 0.3 s
+    assert resp.status == 200 and body == b"b GET /x"
+    assert 0.28 < time.monotonic() - start < 2
+
+
+def test_max_attempts_bounds_the_retries(backends, lb):
+    a, b, c = backends(3)
+    proxy = lb([a, b, c], retries=Retries(max_attempts=2))
+    a.stop()
+    b.stop()
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    resp, body = get(conn, "/x")  # a, then b: both refuse; c is never tried
+    assert resp.status == 502 and b"cannot connect" in body
+    outcomes = proxy.outcomes()
+    assert [(o.backend, o.status, o.error) for o in outcomes] == [(0, 0, "connect"), (1, 502, "connect")]
+    assert outcomes[-1].lb_made
+
+
+def test_invalid_response_gives_502_and_is_not_retried(backends, lb):
+    a, b = backends(2)
+    proxy = lb([a, b])
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    resp, body = get(conn, "/garbage")
+    assert resp.status == 502 and b"invalid response" in body
+    assert len(a.requests) + len(b.requests) == 1
+    [outcome] = proxy.outcomes()
+    assert outcome.error == "invalid_response"
+
+
+def test_connect_timeout_moves_on_to_another_backend(backends, lb):
+    # A listener whose accept queue is full and never drained: further SYNs go unanswered.
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(black_hole.getsockname())
+        fillers.append(filler)
+    time.sleep(0.1)
+    (good,) = backends(1)
+
+    class Hole:
+        port = black_hole.getsockname()[1]
+
+    proxy = lb([Hole, good], timeouts=Timeouts(connect=0.3))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+        start = time.monotonic()
+        resp, body = get(conn, "/x")
+        elapsed = time.monotonic() - start
+        assert resp.status == 200 and body == b"a GET /x"
+        assert 0.25 < elapsed < 3
+        assert [(o.backend, o.error) for o in proxy.outcomes() if o.status == 0] == [(0, "timeout")]
+    finally:
+        for filler in fillers:
+            filler.close()
+        black_hole.close()
+
+
+def test_idle_keep_alive_client_is_closed_after_idle_timeout(backends, lb):
+    (a,) = backends(1)
+    proxy = lb([a], timeouts=Timeouts(idle=0.3))
+    with connect(proxy.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _head, body, rest = read_response(sock)
+        start = time.monotonic()
+        assert read_all(sock) == b""  # closed by the LB, without a response
+        assert 0.25 < time.monotonic() - start < 3
+
+
+def test_removed_listener_finishes_in_flight_requests(backends, lb):
+    (a,) = backends(1)
+    proxy = lb([a])
+    result = {}
+
+    def slow_request():
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+        result["answer"] = get(conn, "/sleep/400")
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.15)
+    proxy.loop.remove_listener(0)
+    time.sleep(0.1)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+    thread.join(5)
+    resp, body = result["answer"]
+    assert resp.status == 200 and body == b"a GET /sleep/400"
+    assert resp.getheader("Connection") == "close"
