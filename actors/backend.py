@@ -3,7 +3,8 @@
 It hears its share of every LoopReport (`BackendOutcomes`: the outcomes of requests this backend
 served plus the in-flight gauge) and keeps what `lb backends` and the performance_based scorer need:
 an EWMA of response time (half-life 10 s; shorter for a performance_based listener that updates more
-often, see `latency_half_life`), the error rate over the last minute, request and byte counts.
+often, see `ewma_half_life`), the error rate over the last minute and as an EWMA of the same half-life
+(what the scorer uses), request and byte counts.
 
 Passive ejection (health_aware_round_robin): a live-traffic failure (connect error, reset, timeout,
 5xx) tells the Listener actor to `Eject` this backend at once; the Listener decides whether it may
@@ -26,7 +27,7 @@ ERROR_WINDOW = 60.0  # seconds of history behind error_rate and requests_per_sec
 RATE_WINDOW = 10.0  # seconds behind requests_per_second
 
 
-def latency_half_life(listener: ListenerConfig) -> float:
+def ewma_half_life(listener: ListenerConfig) -> float:
     """LATENCY_HALF_LIFE, or a quarter of the `update_interval` of a performance_based listener when
     that is shorter: each score must reflect the interval before it (older samples weigh 1/16 or
     less), or a backend that slowed down or recovered would be scored on its past for many intervals.
@@ -48,7 +49,8 @@ class Backend(pykka.ThreadingActor):
         self._errors = 0
         self._bytes_in = 0
         self._bytes_out = 0
-        self._latency = Ewma(latency_half_life(listener))
+        self._latency = Ewma(ewma_half_life(listener))
+        self._failing = Ewma(ewma_half_life(listener))  # samples: 1.0 per failed request, 0.0 per other
         self._active = 0
         self._recent: deque[tuple[float, int, int]] = deque()  # (time.monotonic(), requests, errors) per report
 
@@ -70,8 +72,10 @@ class Backend(pykka.ThreadingActor):
             if is_backend_failure(outcome):
                 errors += 1
                 first_failure = first_failure or outcome
+                self._failing.add(1.0, now)
             else:
                 self._latency.add(outcome.latency, now)
+                self._failing.add(0.0, now)
         self._errors += errors
         self._recent.append((now, len(outcomes), errors))
         while self._recent and self._recent[0][0] < now - ERROR_WINDOW:
@@ -95,5 +99,6 @@ class Backend(pykka.ThreadingActor):
             "bytes_out": self._bytes_out,
             "latency_ewma": self._latency.value,  # seconds; None before the first success
             "error_rate": recent_errors / recent_requests if recent_requests else None,  # last minute
+            "error_rate_ewma": self._failing.value,  # 0..1; None before the first request
             "requests_per_second": rate_requests / RATE_WINDOW,
         }

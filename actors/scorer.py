@@ -1,6 +1,6 @@
 """Scorer actor (performance_based listeners): every `update_interval`, new backend weights from live metrics.
 
-It gathers each backend's response-time EWMA and error rate from the Backend actors and the CPU
+It gathers each backend's response-time and error-rate EWMAs from the Backend actors and the CPU
 and memory of each instance's process tree from the supervisor, hands them to
 `net.perfscore.PerformanceScorer` (which moves weights gradually) and tells the Listener actor the
 result as `EffectiveWeights`. It is the only actor that asks others on a timer; none of those it
@@ -66,7 +66,7 @@ class Scorer(pykka.ThreadingActor):
             process = usage.get(backend.instance) if backend.instance else None
             metrics[i] = BackendMetrics(
                 response_time=traffic["latency_ewma"],
-                error_rate=traffic["error_rate"],
+                error_rate=traffic["error_rate_ewma"],
                 cpu_usage=process["cpu"] if process else None,
                 memory_usage=process["memory"] if process else None,
             )

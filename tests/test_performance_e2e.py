@@ -137,8 +137,9 @@ def test_a_slowed_instance_loses_traffic_within_3s_and_wins_it_back_within_5s(tm
         wait_share(traffic, slow, lambda s: s > 0.8 * FAIR, 10, "an even rotation at first")
         admin(slow, "/_admin/delay?ms=50")
         slowed_at = time.monotonic()
-        wait_share(traffic, slow, lambda s: s < FAIR / 2, 3, "the slow instance under half its fair share",
-                   window=0.75)
+        share = wait_share(traffic, slow, lambda s: s < FAIR / 2, 3, "the slow instance under half its fair share",
+                           window=0.75)
+        assert share > 0  # less, never nothing
         print(f"slow after {time.monotonic() - slowed_at:.2f} s")
         rows = backends_by_port(pmdaemon)
         assert rows[slow]["weight"] < rows[base]["weight"] / 2
@@ -173,6 +174,21 @@ def test_an_instance_busy_at_full_cpu_gets_less_traffic_than_idle_ones(tmp_path,
             assert shares[str(busy)] > 0  # less traffic, never none
         finally:
             admin(busy, "/_admin/burn?on=0")
+
+
+@pytest.mark.timeout(90)
+def test_an_instance_answering_errors_gets_less_traffic_until_it_recovers(tmp_path, foreground_daemon, pmdaemon):
+    config, lb_port, base = performance_config(tmp_path)
+    foreground_daemon(config)
+    all_up(pmdaemon)
+    failing = base
+    with Traffic(lb_port) as traffic:
+        wait_share(traffic, failing, lambda s: s > 0.8 * FAIR, 10, "an even rotation at first")
+        admin(failing, "/_admin/fail?on=1")
+        wait_share(traffic, failing, lambda s: s < FAIR / 2, 5, "the failing instance under half its fair share")
+        assert backends_by_port(pmdaemon)[failing]["performance"]["error_rate"] > 0.5
+        admin(failing, "/_admin/fail?on=0")
+        wait_share(traffic, failing, lambda s: s > 0.8 * FAIR, 8, "the instance back to its fair share")
 
 
 def test_lb_backends_shows_scores_and_weights_and_lb_traffic_the_shares(tmp_path, foreground_daemon, pmdaemon):

@@ -6,6 +6,7 @@ Routes (every response carries `X-Backend: <port>`, so a test sees which instanc
   GET /_admin/delay?ms=N    from now on every request waits N ms before it is answered
   GET /_admin/burn?on=1|0   start / stop a busy-looping child process (100 % of one CPU, inside this
                             instance's process tree, where the supervisor samples CPU)
+  GET /_admin/fail?on=1|0   from now on answer every request with 500 (or stop doing so)
   GET /health               200 "ok"
   anything else             200 "instance <id> port <port>" (after the delay)
 The admin paths are meant for the instance's own port, not through the load balancer.
@@ -31,6 +32,7 @@ class Tuning:
 
     def __init__(self) -> None:
         self.delay = float(os.environ.get("DELAY_MS", "0")) / 1000
+        self.failing = False
         self.burner: subprocess.Popen | None = None
         self.lock = threading.Lock()
 
@@ -59,16 +61,22 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/_admin/burn":
             TUNING.burn(query.get("on", ["1"])[0] == "1")
             self._reply(f"burning {TUNING.burner is not None}\n")
+        elif url.path == "/_admin/fail":
+            TUNING.failing = query.get("on", ["1"])[0] == "1"
+            self._reply(f"failing {TUNING.failing}\n")
         elif url.path == "/health":
             self._reply("ok\n")
         else:
             if TUNING.delay:
                 time.sleep(TUNING.delay)
-            self._reply(f"instance {INSTANCE} port {PORT}\n")
+            if TUNING.failing:
+                self._reply("failing on purpose\n", 500)
+            else:
+                self._reply(f"instance {INSTANCE} port {PORT}\n")
 
-    def _reply(self, text: str) -> None:
+    def _reply(self, text: str, status: int = 200) -> None:
         body = text.encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Backend", str(PORT))
