@@ -8,8 +8,8 @@ us-west-1 and eu-west-1 (1 instance each). 127.0.0.2 is in us-east-1, 127.0.0.3 
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -134,18 +134,49 @@ def test_the_region_header_is_believed_only_from_trusted_proxies(geo_pool, pmdae
     assert served(lb_port, UNTRUSTED, 4, {"X-Forwarded-For": EU_CLIENT}) == ports[EAST]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("maxminddb") is not None,
-                    reason="maxminddb is installed here; this checks the error without it")
 def test_a_geo_database_without_maxminddb_is_a_clear_error(tmp_path, app_script, pmdaemon):
+    # Where maxminddb is installed, a module on PYTHONPATH that fails to import stands for its absence.
+    hidden = tmp_path / "hidden"
+    (hidden / "maxminddb").mkdir(parents=True)
+    (hidden / "maxminddb" / "__init__.py").write_text('raise ImportError("maxminddb hidden by the test")\n')
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")]))}
     database = tmp_path / "GeoLite2-Country.mmdb"
     database.write_bytes(b"\0" * 64)
     apps = [region_app(app_script, "east", EAST, 1, primary_region=True)]
     balancer = {"port": free_port(), "host": "127.0.0.1", "geo_database": str(database)}
-    result = pmdaemon("start", write_config(tmp_path, {"apps": apps, "load_balancer": balancer}))
+    result = pmdaemon("start", write_config(tmp_path, {"apps": apps, "load_balancer": balancer}), env=env)
     assert result.returncode != 0
-    assert "maxminddb" in result.stderr and "geo_database" in result.stderr
+    assert "geo_database" in result.stderr and "needs the 'maxminddb' package" in result.stderr
     listed = pmdaemon("list", "--json")
     assert listed.returncode != 0 or json.loads(listed.stdout) == []  # nothing was started
+
+
+def test_a_geo_database_places_clients_the_geo_table_does_not_know(tmp_path, app_script, foreground_daemon,
+                                                                     pmdaemon):
+    """With the optional maxminddb package (and mmdb_writer to make a small database), clients the
+    `geo` table does not map are looked up in `geo_database`: a custom `region` or a country code."""
+    pytest.importorskip("maxminddb")
+    mmdb_writer = pytest.importorskip("mmdb_writer")
+    from netaddr import IPSet
+
+    writer = mmdb_writer.MMDBWriter(ip_version=6, ipv4_compatible=True)
+    writer.insert_network(IPSet(["127.0.0.6/32"]), {"region": EU})
+    writer.insert_network(IPSet(["127.0.0.7/32"]), {"country": {"iso_code": "US"}})
+    writer.insert_network(IPSet(["127.0.0.2/32"]), {"region": EU})  # the geo table wins for this one
+    database = tmp_path / "regions.mmdb"
+    writer.to_db_file(str(database))
+    lb_port = free_port()
+    apps = [region_app(app_script, "east", EAST, 1, primary_region=True),
+            region_app(app_script, "us", "US", 1), region_app(app_script, "eu", EU, 1)]
+    balancer = {"port": lb_port, "host": "127.0.0.1", "geo": {f"{EAST_CLIENT}/32": EAST},
+                "geo_database": str(database)}
+    foreground_daemon(write_config(tmp_path, {"apps": apps, "load_balancer": balancer}))
+    rows = wait_states(pmdaemon, {"up"})
+    port_of = {row["region"]: row["address"].rsplit(":", 1)[1] for row in rows}
+    assert served(lb_port, "127.0.0.6", 3) == {port_of[EU]}
+    assert served(lb_port, "127.0.0.7", 3) == {port_of["US"]}
+    assert served(lb_port, EAST_CLIENT, 3) == {port_of[EAST]}
+    assert served(lb_port, "127.0.0.8", 3) == {port_of[EAST]}  # in neither: the primary region
 
 
 def test_the_geographic_example_runs(tmp_path, pmdaemon):
