@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# run.sh - pmdaemon's listener side by side with nginx and HAProxy (../shared/bench/anchors.sh),
+# plus the feature-cost variants, TLS, idle connections and start-up benchmarks.
+#
+#   bench/run.sh                 everything below, in this order (about 12 minutes on 2 cores)
+#   bench/run.sh http            HTTP (anchors-http.json on :8080) and TCP (anchors-tcp.json on
+#                                :5200 over redis) against direct, nginx and HAProxy
+#   bench/run.sh variants        CPU per request with a feature on vs the plain listener (below)
+#   bench/run.sh tls             bench/tls.sh: HTTPS keep-alive and new handshakes vs HAProxy
+#   bench/run.sh idle            bench/idle_conns.py: RSS with 10,000 idle keep-alive clients
+#   bench/run.sh startup         bench/startup.py: start-to-online for 1/8/32 instances, idle daemon
+#   bench/run.sh profile         py-spy of the daemon under wrk -c64 (top functions, text)
+#
+# Variants. anchors.sh measures one LB_CMD per invocation, so a variant is measured in its own
+# invocation, ONLY="$VONLY" (direct-nginx, haproxy-t1, ours), and so is the plain listener; the
+# invocations alternate plain, resilience, monitoring (VROUNDS times). Every invocation measures
+# HAProxy with one thread too, so besides the raw ratio of our CPU us/req (variant / plain, from two
+# invocations minutes apart) the summary gives the drift-corrected ratio
+#     (ours_variant / haproxy_variant) / (ours_plain / haproxy_plain)
+# whose both halves are same-run ratios: machine drift between invocations cancels out.
+# During the monitoring variant /metrics is scraped every SCRAPE_EVERY seconds (Prometheus' default
+# is 15 s), so the export is exercised, not just enabled.
+#
+# Knobs (env): DUR=5 RUNS=3 CONNS="64 8" (main run; anchors.sh's own knobs such as QUIET, PIN,
+#   REDIS_N pass through), VDUR=5 VRUNS=3 VCONNS=64 VROUNDS=1 VONLY (variants), SCRAPE_EVERY=5,
+#   RESULTS=bench/results/<UTC date-time> (tables are copied there; raw logs stay under /tmp),
+#   PORT_WAIT=600 (seconds to wait for another run of anchors.sh to free ports 3000/8080/...).
+set -u
+ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel); BENCH=$ROOT/bench
+ANCHORS=$ROOT/../shared/bench/anchors.sh
+DUR=${DUR:-5} RUNS=${RUNS:-3} CONNS=${CONNS:-"64 8"}
+VDUR=${VDUR:-5} VRUNS=${VRUNS:-3} VCONNS=${VCONNS:-64} VROUNDS=${VROUNDS:-1}
+VONLY=${VONLY:-'direct-nginx|haproxy-t1$|ours$'} SCRAPE_EVERY=${SCRAPE_EVERY:-5}
+PORT_WAIT=${PORT_WAIT:-600}
+RESULTS=${RESULTS:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)}
+TMP=$(mktemp -d /tmp/pmdaemon-bench-XXXXXX)
+command -v pmdaemon >/dev/null || { echo "pmdaemon not on PATH: pip install -e $ROOT"; exit 1; }
+mkdir -p "$RESULTS"; MODES=("$@"); [ ${#MODES[@]} -gt 0 ] || MODES=(http variants tls idle startup)
+SCRAPER=
+cleanup() { [ -n "$SCRAPER" ] && kill "$SCRAPER" 2>/dev/null; rm -rf "$TMP"; }
+trap cleanup EXIT; trap 'exit 130' INT TERM
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_ports() { # anchors.sh refuses to start while another run holds its ports: wait (bounded)
+  local i p busy; for i in $(seq "$PORT_WAIT"); do busy=
+    for p in 3000 5000 8080 8101 8103 5100 5200 8443 8444 "$@"; do port_busy "$p" && busy+=" $p"; done
+    [ -z "$busy" ] && return 0; [ $((i % 30)) = 1 ] && echo "  waiting for ports$busy to be freed" >&2
+    sleep 1; done; echo "ports$busy still busy after ${PORT_WAIT}s" >&2; return 1
+}
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+lb_cmd() { # CONFIG -> the LB_CMD that runs our daemon in the foreground with a fresh home
+  local home; home=$(mktemp -d "$TMP/home-XXXX")
+  echo "PMDAEMON_HOME=$home exec pmdaemon start $1 --no-daemon"
+}
+
+run_http() {
+  echo "== HTTP and TCP anchors (DUR=$DUR RUNS=$RUNS CONNS=$CONNS)"; wait_ports || return 1
+  local out=$TMP/anchors-main
+  OUT=$out DUR=$DUR RUNS=$RUNS CONNS=$CONNS LB_PORT=8080 LB_CMD="$(lb_cmd "$BENCH/anchors-http.json")" \
+    LB_TCP_PORT=5200 LB_TCP_CMD="$(lb_cmd "$BENCH/anchors-tcp.json")" bash "$ANCHORS"
+  cp "$out/table.md" "$RESULTS/http-tcp.md"; cp "$out/results.tsv" "$RESULTS/http-tcp.tsv"
+  cp "$out/meta.txt" "$RESULTS/http-tcp.meta"; grep -h "" "$out"/log/ours*.log >"$RESULTS/http-tcp.ours.log" 2>/dev/null
+}
+
+monitoring_config() { # the committed config with the Prometheus endpoint moved to a free port
+  python3 - "$BENCH/anchors-http-monitoring.json" "$1" "$2" <<'EOF'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["load_balancer"]["monitoring"]["export"]["prometheus"]["port"] = int(sys.argv[3])
+json.dump(config, open(sys.argv[2], "w"), indent=2)
+EOF
+}
+
+run_variants() {
+  echo "== variants (VDUR=$VDUR VRUNS=$VRUNS VCONNS=$VCONNS VROUNDS=$VROUNDS ONLY=$VONLY)"
+  local round name cfg out mport; : >"$TMP/variants.list"
+  for round in $(seq "$VROUNDS"); do
+    for name in plain resilience monitoring; do
+      wait_ports || return 1
+      cfg=$BENCH/anchors-http-$name.json; [ "$name" = plain ] && cfg=$BENCH/anchors-http.json
+      if [ "$name" = monitoring ]; then
+        mport=$(free_port); cfg=$TMP/anchors-http-monitoring.json; monitoring_config "$cfg" "$mport"
+        ( while sleep "$SCRAPE_EVERY"; do curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$mport/metrics"; done ) &
+        SCRAPER=$!
+      fi
+      out=$TMP/variant-$name-r$round; echo "-- $name round $round ($cfg)"
+      OUT=$out DUR=$VDUR RUNS=$VRUNS CONNS=$VCONNS TCP=0 ONLY=$VONLY LB_PORT=8080 \
+        LB_CMD="$(lb_cmd "$cfg")" bash "$ANCHORS" >/dev/null
+      if [ -n "$SCRAPER" ]; then kill "$SCRAPER" 2>/dev/null; wait "$SCRAPER" 2>/dev/null; SCRAPER=; fi
+      cat "$out/table.md"; printf '%s\t%s\t%s\n' "$name" "$round" "$out" >>"$TMP/variants.list"
+      cp "$out/table.md" "$RESULTS/variant-$name-r$round.md"
+    done
+  done
+  python3 "$BENCH/variants_summary.py" "$TMP/variants.list" | tee "$RESULTS/variants.md"
+}
+
+run_profile() { # py-spy samples the daemon (started by anchors.sh) from 5 s after it starts, i.e. through the wrk -c64 run
+  local secs=${PROFILE_SECONDS:-8} out=$TMP/anchors-profile raw=$TMP/profile.raw home
+  echo "== py-spy profile of the daemon under wrk -c64 ($secs s)"; wait_ports || return 1
+  home=$(mktemp -d "$TMP/home-XXXX")
+  OUT=$out DUR=12 RUNS=1 CONNS=64 TCP=0 ONLY='ours$' LB_PORT=8080 LB_CMD="PMDAEMON_HOME=$home \
+    pmdaemon start $BENCH/anchors-http.json --no-daemon & d=\$!; sleep 5; py-spy record --pid \$d -d $secs \
+    -r 250 -f raw --threads -o $raw --nonblocking >/dev/null 2>&1; wait \$d" bash "$ANCHORS" >/dev/null
+  python3 "$BENCH/profile_summary.py" "$raw" | tee "$RESULTS/profile.md"
+}
+
+for mode in "${MODES[@]}"; do
+  case $mode in
+    http) run_http ;;
+    variants) run_variants ;;
+    tls) wait_ports && bash "$BENCH/tls.sh" | tee "$RESULTS/tls.md" ;;
+    idle) wait_ports && python3 "$BENCH/idle_conns.py" | tee "$RESULTS/idle.md" ;;
+    startup) echo "== startup.py"; python3 "$BENCH/startup.py" | tee "$RESULTS/startup.md" ;;
+    profile) run_profile ;;
+    *) echo "unknown mode $mode (http variants tls idle startup profile)"; exit 2 ;;
+  esac
+done
+echo "tables: $RESULTS"
