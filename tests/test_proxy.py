@@ -359,3 +359,19 @@ def test_half_closed_client_still_gets_its_answer(backends, lb):
         sock.shutdown(socket.SHUT_WR)
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"a GET /half")
+
+
+def test_sticky_sessions_cookie_set_by_the_proxy_pins_the_client(backends, lb):
+    a, b, c = backends(3)
+    proxy = lb([a, b, c], strategy="sticky_sessions")
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    resp, _ = get(conn, "/first")
+    cookie = resp.getheader("Set-Cookie")
+    assert cookie.startswith("PMDAEMON_SESSION=") and "HttpOnly" in cookie
+    pinned = resp.getheader("X-Backend")
+    value = cookie.split(";")[0]
+    for i in range(4):
+        resp, _ = get(conn, f"/again{i}", headers={"Cookie": value})
+        assert resp.getheader("X-Backend") == pinned and resp.getheader("Set-Cookie") is None
+    # without the cookie: round robin again
+    assert len({get(conn, f"/rr{i}")[0].getheader("X-Backend") for i in range(3)}) == 3
