@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import itertools
+import logging
 import queue
 import selectors
 import socket
@@ -26,6 +27,8 @@ from net.config import ListenerConfig
 from net.listeners import ListenerTls, make_listener
 from net.proxy import HttpListener
 from net.snapshot import Outcome, PoolSnapshot
+
+log = logging.getLogger("pmdaemon.loop")
 
 REPORT_INTERVAL = 0.05
 LISTEN_BACKLOG = 1024
@@ -224,23 +227,44 @@ class IOLoop:
                 self.now = now = monotonic()
                 for key, mask in ready:
                     target = key.data
-                    if mask & READ and not target.closed:
-                        target.on_readable()
-                    if mask & WRITE and not target.closed:
-                        target.on_writable()
-                    while soon:
-                        fn, args = soon.pop(0)
-                        fn(*args)
+                    try:
+                        if mask & READ and not target.closed:
+                            target.on_readable()
+                        if mask & WRITE and not target.closed:
+                            target.on_writable()
+                        while soon:
+                            fn, args = soon.pop(0)
+                            fn(*args)
+                    except Exception:
+                        self._contain(target)
                 while timers and timers[0][0] <= now:
                     _when, seq, target = heapq.heappop(timers)
-                    target.fire_timer(seq, now)
-                    while soon:
-                        fn, args = soon.pop(0)
-                        fn(*args)
+                    try:
+                        target.fire_timer(seq, now)
+                        while soon:
+                            fn, args = soon.pop(0)
+                            fn(*args)
+                    except Exception:
+                        self._contain(target)
                 if (self.outcomes or self.gauges_changed) and now - self._last_report >= REPORT_INTERVAL:
-                    self._report(now)
+                    try:
+                        self._report(now)
+                    except Exception:
+                        log.exception("I/O loop: on_report failed; that batch of outcomes is lost")
         finally:
             self._shutdown()
+
+    def _contain(self, target) -> None:
+        """A handler raised (a bug): log it and close what it was serving; the loop serves on."""
+        log.exception("I/O loop: %s failed; closing it", type(target).__name__)
+        self._soon.clear()
+        for victim in (getattr(target, "owner", None), target):
+            close = getattr(victim, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    log.exception("I/O loop: closing %s failed too", type(victim).__name__)
 
     def _report(self, now: float) -> None:
         self._last_report = now
