@@ -1,0 +1,460 @@
+"""Observability end to end: every `lb` command of cli.md, the Prometheus endpoint, statsd, alerts and
+per-instance usage, against `pmdaemon start <config> --no-daemon` with real backend processes.
+
+What a user would check is checked: the counts `lb stats` shows equal the requests this test sent, the
+/metrics endpoint (parsed with prometheus_client's parser) says the same, statsd datagrams arrive on a
+UDP socket, a webhook and an email arrive when the pool loses its instances and a "resolved" webhook
+when they are back, and `lb config` never shows the SMTP password.
+
+Most read-only checks share one daemon (`stack`, module scope); tests that need exact counts or that
+stop instances get their own.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import (CLI, REPO, ForegroundDaemon, PmdaemonRunner, free_port, free_port_range, http_app_config,
+                      kill_tree, wait_until, write_config)
+
+SMTP_PASSWORD = "observability-secret-8c1f"  # only ever in the daemon's environment
+APP_SECRET = "token-value-3e57"  # an app env value whose name looks secret
+
+
+# ---------------------------------------------------------------- observers the daemon reports to
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1 that keeps every POSTed JSON body, in order of arrival."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue = queue.Queue()
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.put((self.path, json.loads(body)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self._thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}{path}"
+
+    def wait_for(self, predicate, timeout: float) -> dict:
+        """The first body for which predicate(body) holds; bodies before it are dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no matching webhook within {timeout:g} s")
+            try:
+                _, body = self.received.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if predicate(body):
+                return body
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class Mailbox:
+    """aiosmtpd handler: keeps every envelope."""
+
+    def __init__(self) -> None:
+        self.messages: queue.Queue = queue.Queue()
+        self.logins: list[tuple[bytes, bytes]] = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.put(envelope)
+        return "250 OK"
+
+    def authenticate(self, server, session, envelope, mechanism, auth_data):
+        from aiosmtpd.smtp import AuthResult
+
+        self.logins.append((auth_data.login, auth_data.password))
+        return AuthResult(success=auth_data.password == SMTP_PASSWORD.encode())
+
+
+class StatsdSocket:
+    """A UDP socket on 127.0.0.1 standing in for statsd: collects the lines of every datagram."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[str] = []
+
+    def read(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                data, _ = self.sock.recvfrom(65536)
+                self.lines.extend(data.decode().split("\n"))
+                self.sock.settimeout(0.05)
+        except socket.timeout:
+            pass
+
+    def counter_total(self, name: str) -> float:
+        """Sum of a counter's `|c` increments received so far."""
+        total = 0.0
+        for line in self.lines:
+            key, _, rest = line.partition(":")
+            value, _, kind = rest.partition("|")
+            if key == name and kind.startswith("c"):
+                total += float(value)
+        return total
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- the stack under test
+
+
+def stack_config(app_script: Path, base: int, port: int, *, metrics_port: int | None = None,
+                 statsd_port: int | None = None, alerts: dict | None = None, metrics_collection: bool = True,
+                 **listener) -> dict:
+    """Two instances of the example app behind an HTTP listener on 127.0.0.1:`port`, short intervals."""
+    export = {}
+    if metrics_port is not None:
+        export["prometheus"] = {"host": "127.0.0.1", "port": metrics_port, "path": "/metrics"}
+    if statsd_port is not None:
+        export["statsd"] = {"host": "127.0.0.1", "port": statsd_port, "prefix": "pmdaemon."}
+    app = http_app_config(app_script, "web", 2, base,
+                          monitoring={"enabled": True, "metrics_collection": metrics_collection})
+    app["env"]["API_TOKEN"] = APP_SECRET
+    balancer = {
+        "host": "127.0.0.1", "port": port, "apps": ["web"],
+        "health_check": {"path": "/health", "interval": 0.2, "timeout": 1},
+        "monitoring": {"enabled": True, "export": export},
+        **listener,
+    }
+    if alerts is not None:
+        balancer["alerts"] = alerts
+    return {"apps": [app], "load_balancer": balancer}
+
+
+def start_foreground(home: Path, config: Path, log: Path, env: dict | None = None) -> ForegroundDaemon:
+    """`pmdaemon start <config> --no-daemon` in `home`, returned once the config is applied."""
+    from net.control import CommandFailed, ControlClient
+
+    runner = PmdaemonRunner(home)
+    with open(log, "w") as out:
+        process = subprocess.Popen(CLI + ["start", str(config), "--no-daemon"], env=runner.env(env), cwd=REPO,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    daemon = ForegroundDaemon(process, home)
+    client = ControlClient(home, timeout=5)
+
+    def ready():
+        if process.poll() is not None:
+            pytest.fail(f"pmdaemon --no-daemon exited {process.returncode}:\n{log.read_text()}")
+        try:
+            return client.call("ping")["ready"]
+        except CommandFailed:
+            return False
+
+    try:
+        wait_until(ready, 30, message="the foreground daemon to apply its config")
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
+def wait_backends_up(pmdaemon, port: int, count: int = 2, timeout: float = 20) -> None:
+    def up():
+        rows = [row for row in pmdaemon.json("lb", "status") if row["port"] == port]
+        return rows and rows[0]["backends_up"] == count
+    wait_until(up, timeout, interval=0.1, message=f"{count} backends up on :{port}")
+
+
+def send(port: int, path: str = "/", count: int = 1) -> list[int]:
+    """`count` GETs, each on its own connection; the statuses."""
+    statuses = []
+    for _ in range(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            statuses.append(response.status)
+        finally:
+            conn.close()
+    return statuses
+
+
+def scrape(metrics_port: int, path: str = "/metrics") -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type").startswith("text/plain; version=0.0.4")
+        return response.read().decode()
+    finally:
+        conn.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text -> {(sample name, sorted labels): value}, through prometheus_client's parser."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def series(parsed: dict, name: str, **labels: str) -> dict[tuple, float]:
+    """The samples of `name` whose labels include `labels`."""
+    return {key: value for key, value in parsed.items()
+            if key[0] == name and set(labels.items()) <= set(key[1])}
+
+
+def listener_stats(pmdaemon, port: int) -> dict:
+    stats = pmdaemon.json("lb", "stats")
+    return next(row for row in stats["listeners"] if row["port"] == port)
+
+
+@pytest.fixture
+def observers():
+    """A webhook receiver, a statsd socket and an SMTP server (aiosmtpd) on 127.0.0.1."""
+    from aiosmtpd.controller import Controller
+
+    webhooks, statsd, mailbox = WebhookReceiver(), StatsdSocket(), Mailbox()
+    smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port(), authenticator=mailbox.authenticate,
+                      auth_require_tls=False)
+    smtp.start()
+    try:
+        yield webhooks, statsd, mailbox, smtp.port
+    finally:
+        smtp.stop()
+        statsd.close()
+        webhooks.close()
+
+
+# ---------------------------------------------------------------- one daemon for the read-only commands
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """One daemon with two instances, a listener, a Prometheus endpoint and alert rules that never fire.
+
+    Yields (runner, listener port, app base port, metrics port)."""
+    directory = tmp_path_factory.mktemp("obs")
+    home = directory / "home"
+    assert len(str(home / "run" / "control.sock")) < 100
+    app_script = REPO / "examples" / "apps" / "server.py"
+    base, port, metrics_port = free_port_range(2), free_port(), free_port()
+    alerts = {
+        "enabled": True,
+        "rules": [
+            {"name": "never_webhook", "condition": "healthy_backends < 0", "duration": "1s", "action": "webhook",
+             "url": "http://alerts:hook-password@127.0.0.1:9/alert"},
+            {"name": "never_email", "condition": "error_rate > 100%", "duration": "5m", "action": "email",
+             "recipients": ["ops@example.test"]},
+        ],
+        "smtp": {"host": "127.0.0.1", "port": 2525, "from": "lb@example.test", "username": "alerts",
+                 "password_env": "PMDAEMON_TEST_SMTP_PASSWORD"},
+    }
+    config = write_config(directory, stack_config(app_script, base, port, metrics_port=metrics_port, alerts=alerts))
+    daemon = start_foreground(home, config, directory / "daemon.log", env={"PMDAEMON_TEST_SMTP_PASSWORD": SMTP_PASSWORD})
+    runner = PmdaemonRunner(home)
+    try:
+        wait_backends_up(runner, port)
+        yield runner, port, base, metrics_port
+    finally:
+        daemon.stop()
+        runner.cleanup()
+
+
+def run_ok(pmdaemon, *args: str) -> subprocess.CompletedProcess:
+    result = pmdaemon(*args)
+    assert result.returncode == 0, f"pmdaemon {' '.join(args)} exited {result.returncode}: {result.stderr}"
+    return result
+
+
+def test_lb_status_and_backends_have_the_cli_md_fields(stack):
+    pmdaemon, port, base, _ = stack
+    run_ok(pmdaemon, "lb", "status")
+    [listener] = [row for row in pmdaemon.json("lb", "status") if row["port"] == port]
+    assert (listener["type"], listener["strategy"]) == ("http", "round_robin")
+    assert (listener["backends_up"], listener["backends_total"]) == (2, 2)
+
+    run_ok(pmdaemon, "lb", "backends")
+    backends = pmdaemon.json("lb", "backends")
+    assert sorted((row["address"], row["instance"]) for row in backends) == [
+        (f"127.0.0.1:{base}", "web-0"), (f"127.0.0.1:{base + 1}", "web-1")]
+    for row in backends:
+        assert row["state"] == "up" and row["weight"] == 1 and row["active"] == 0
+
+
+def test_lb_health_and_health_check_test(stack):
+    pmdaemon, _, base, _ = stack
+    run_ok(pmdaemon, "lb", "health")
+    rows = pmdaemon.json("lb", "health")
+    assert sorted(row["backend"] for row in rows) == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
+    for row in rows:
+        assert row["state"] == "up" and row["consecutive_failures"] == 0 and row["last_check"] is not None
+
+    text = run_ok(pmdaemon, "lb", "health-check", "--test")
+    assert "pass" in text.stdout
+    results = pmdaemon.json("lb", "health-check", "--test")
+    assert len(results) == 2 and all(row["ok"] and row["error"] is None for row in results)
+
+
+def test_lb_stats_and_traffic_count_what_was_sent(stack):
+    pmdaemon, port, base, _ = stack
+    before = listener_stats(pmdaemon, port)
+    assert send(port, count=4) == [200] * 4
+    wait_until(lambda: listener_stats(pmdaemon, port)["requests"] == before["requests"] + 4, 10,
+               message="4 more requests in lb stats")
+    stats = pmdaemon.json("lb", "stats")
+    assert {"requests", "responses", "errors", "latency_ms"} <= set(stats)
+    assert set(stats["responses"]) >= {"2xx", "3xx", "4xx", "5xx"}
+    assert set(stats["latency_ms"]) >= {"p50", "p95", "p99"}
+    assert 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p95"] <= stats["latency_ms"]["p99"]
+    assert stats["errors"] == 0
+    text = run_ok(pmdaemon, "lb", "stats").stdout
+    assert re.search(rf"^requests\s+{stats['requests']}$", text, re.M), text
+
+    run_ok(pmdaemon, "lb", "traffic")
+    rows = [row for row in pmdaemon.json("lb", "traffic") if row["listener"] == port]
+    assert sorted(row["address"] for row in rows) == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
+    assert sum(row["requests_total"] for row in rows) == listener_stats(pmdaemon, port)["requests"]
+    assert round(sum(row["share_total"] for row in rows)) == 100
+
+
+def test_lb_monitor_count_2_prints_two_frames(stack):
+    pmdaemon, port, _, _ = stack
+    text = run_ok(pmdaemon, "lb", "monitor", "--interval=0.2", "--count=2").stdout
+    assert text.count("pmdaemon lb monitor") == 2
+    assert str(port) in text and "\x1b" not in text
+    frames = [json.loads(line) for line in run_ok(pmdaemon, "lb", "monitor", "--interval=0.2", "--count=2",
+                                                  "--json").stdout.splitlines()]
+    assert len(frames) == 2 and frames[1]["time"] > frames[0]["time"]
+    for frame in frames:
+        assert not frame["unavailable"]
+        assert [row["port"] for row in frame["status"]] == [port]
+        assert len(frame["backends"]) == 2 and "requests" in frame["stats"]
+
+
+def test_lb_metrics_text_detailed_and_json_agree(stack):
+    pmdaemon, port, base, metrics_port = stack
+    send(port, count=2)
+    plain = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
+    listener = str(port)
+    assert series(plain, "pmdaemon_requests_total", listener=listener)
+    assert plain[("pmdaemon_backends_healthy", (("listener", listener),))] == 2
+    assert not series(plain, "pmdaemon_backend_requests_total")
+
+    detailed = samples(run_ok(pmdaemon, "lb", "metrics", "--detailed").stdout)
+    per_backend = series(detailed, "pmdaemon_backend_requests_total", listener=listener, code_class="2xx")
+    assert {dict(key[1])["backend"] for key in per_backend} == {f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"}
+    assert series(detailed, "pmdaemon_responses_total", listener=listener, code="200")
+
+    as_json = pmdaemon.json("lb", "metrics")
+    assert as_json and all(set(sample) == {"name", "labels", "value"} for sample in as_json)
+    names = {sample["name"] for sample in as_json}
+    assert {"pmdaemon_requests_total", "pmdaemon_backend_up", "pmdaemon_response_time_seconds_bucket"} <= names
+    detailed_json = pmdaemon.json("lb", "metrics", "--detailed")
+    assert "pmdaemon_backend_requests_total" in {sample["name"] for sample in detailed_json}
+
+    # The same series as the endpoint: no traffic moves between the two reads.
+    assert set(samples(scrape(metrics_port))) - set(plain) <= {
+        key for key in samples(scrape(metrics_port)) if key[0].startswith("pmdaemon_instance_")}
+
+
+def test_lb_drain_and_enable(stack):
+    pmdaemon, port, base, _ = stack
+    drained = pmdaemon.json("lb", "drain", "web-1")
+    assert [(row["address"], row["state"]) for row in drained["backends"]] == [(f"127.0.0.1:{base + 1}", "draining")]
+    try:
+        states = {row["instance"]: row["state"] for row in pmdaemon.json("lb", "backends")}
+        assert states == {"web-0": "up", "web-1": "draining"}
+        bodies = set()
+        for _ in range(4):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/")
+            bodies.add(conn.getresponse().read().decode().strip())
+            conn.close()
+        assert bodies == {f"instance 0 port {base}"}
+    finally:
+        enabled = pmdaemon.json("lb", "enable", "web-1")
+    assert [row["state"] for row in enabled["backends"]] == ["up"]
+    assert run_ok(pmdaemon, "lb", "drain", f"127.0.0.1:{base + 1}").stdout.startswith("draining")
+    assert run_ok(pmdaemon, "lb", "enable", f"127.0.0.1:{base + 1}").stdout.startswith("enabled")
+    assert {row["state"] for row in pmdaemon.json("lb", "backends")} == {"up"}
+
+
+def test_lb_export_nginx_and_haproxy(stack):
+    pmdaemon, port, base, _ = stack
+    nginx = run_ok(pmdaemon, "lb", "export", "nginx").stdout
+    assert "upstream" in nginx and f"127.0.0.1:{base}" in nginx and f"127.0.0.1:{base + 1}" in nginx
+    haproxy = run_ok(pmdaemon, "lb", "export", "haproxy").stdout
+    assert "backend" in haproxy and f"127.0.0.1:{base + 1}" in haproxy
+    assert pmdaemon.json("lb", "export", "haproxy") == {"format": "haproxy", "config": haproxy}
+
+
+def test_lb_config_shows_units_and_no_secrets(stack):
+    pmdaemon, port, _, metrics_port = stack
+    text = run_ok(pmdaemon, "lb", "config").stdout
+    as_json = run_ok(pmdaemon, "lb", "config", "--json").stdout
+    for output in (text, as_json):
+        assert SMTP_PASSWORD not in output and APP_SECRET not in output and "hook-password" not in output
+    config = json.loads(as_json)
+    [listener] = config["load_balancer"]
+    assert listener["port"] == port
+    assert listener["timeouts"] == {"connect": "5000ms", "read": "30000ms", "write": "30000ms", "idle": "60000ms"}
+    assert listener["health_check"]["interval"] == "200ms" or listener["health_check"]["interval"].endswith("s")
+    assert listener["alerts"]["smtp"]["password_env"] == "PMDAEMON_TEST_SMTP_PASSWORD"
+    assert [rule["duration"] for rule in listener["alerts"]["rules"]] == ["1s", "300s"] or \
+        all(rule["duration"].endswith(("s", "m")) for rule in listener["alerts"]["rules"])
+    assert listener["monitoring"]["export"]["prometheus"] == {"host": "127.0.0.1", "port": metrics_port,
+                                                               "path": "/metrics"}
+    [app] = config["apps"]
+    assert app["env"]["API_TOKEN"] == "***"
+    assert app["kill_timeout"] == "1000ms" and app["max_memory_restart"]
+
+
+def test_instance_cpu_and_memory_series_for_metrics_collection_apps(stack):
+    pmdaemon, _, _, metrics_port = stack
+
+    def usage():
+        parsed = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
+        memory = series(parsed, "pmdaemon_instance_memory_bytes")
+        cpu = series(parsed, "pmdaemon_instance_cpu_percent")
+        return (memory, cpu) if len(memory) == 2 and len(cpu) == 2 else None
+
+    memory, cpu = wait_until(usage, 15, interval=0.5, message="instance cpu and memory series")
+    assert {dict(key[1])["instance"] for key in memory} == {"web-0", "web-1"}
+    assert all(value > 1024 * 1024 for value in memory.values())  # a Python process is over 1 MiB resident
+    assert all(value >= 0 for value in cpu.values())
+    rows = {row["name"]: row for row in pmdaemon.json("list")}
+    assert set(rows) == {"web-0", "web-1"}
+    scraped = series(samples(scrape(metrics_port)), "pmdaemon_instance_memory_bytes")
+    assert set(scraped) == set(memory)
+    as_json = [s for s in pmdaemon.json("lb", "metrics") if s["name"] == "pmdaemon_instance_cpu_percent"]
+    assert sorted(s["labels"]["instance"] for s in as_json) == ["web-0", "web-1"]
