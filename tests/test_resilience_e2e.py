@@ -207,3 +207,156 @@ def test_health_aware_failing_backend_is_out_after_threshold_rounds_and_back_aft
     assert first_back - down_seen >= quarantine - 0.3, "served a request before quarantine_duration"
     assert traffic.failures == []
     assert {reply.status for _, reply in traffic.replies} == {200}
+
+
+def instances(pmdaemon) -> dict[str, dict]:
+    return {row["name"]: row for row in pmdaemon.json("list")}
+
+
+@pytest.mark.timeout(60)
+def test_kill_9_of_an_instance_under_load_fails_no_request_and_its_replacement_waits_for_its_check(
+        tmp_path, foreground_daemon, pmdaemon):
+    # Every process of the app fails /health during its first second while its port already serves.
+    app, base = app_config("web", 3, health={"interval": 0.2, "failure_threshold": 2},
+                           env={"HEALTHY_AFTER_MS": 1000})
+    config, lb_port = balanced(tmp_path, [app])
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    for port in range(base, base + 3):
+        wait_state(client, port, "up")
+    victim = instances(pmdaemon)["web-1"]
+    victim_port = base + 1
+
+    with Traffic(lb_port) as traffic:
+        wait_until(lambda: len(traffic.replies) >= 30, 10, message="traffic flowing")
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.monotonic()
+        replacement = wait_until(lambda: (lambda row: row if row["pid"] not in (None, victim["pid"])
+                                          and row["status"] == "online" else None)(instances(pmdaemon)["web-1"]),
+                                 10, message="web-1 restarted")
+        wait_until(lambda: stats(victim_port)["requests"] > 0, 10, message="the replacement serves")
+        time.sleep(max(0.0, killed_at + 3.0 - time.monotonic()))
+
+    assert traffic.failures == []
+    assert {reply.status for _, reply in traffic.replies} == {200}
+    assert len(traffic.since(killed_at)) >= 30
+    assert replacement["restarts"] == victim["restarts"] + 1
+    fresh = stats(victim_port)
+    assert fresh["pid"] == replacement["pid"]
+    assert fresh["first_request_at"] >= fresh["first_health_pass_at"], \
+        "the restarted instance got a request before its first passing health check"
+
+
+@pytest.mark.timeout(60)
+def test_a_starting_instance_gets_no_traffic_before_its_first_passing_check(tmp_path, foreground_daemon, pmdaemon):
+    base = free_port_range(2)
+    app = http_app_config(SWITCHABLE, "web", 1, base)
+    app["env"]["HEALTHY_AFTER_MS"] = 1500
+    app["health_check"] = {"url": "http://localhost:{{PORT}}/health", "timeout": 1, "interval": 0.2,
+                           "failure_threshold": 2}
+    config, lb_port = balanced(tmp_path, [app])
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    wait_state(client, base, "up")
+
+    with Traffic(lb_port, pause=0.005) as traffic:
+        result = pmdaemon("scale", "web", "2", timeout=60)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: stats(base + 1)["requests"] > 0, 10, message="the new instance serves")
+
+    assert traffic.failures == []
+    assert {reply.status for _, reply in traffic.replies} == {200}
+    started = stats(base + 1)
+    assert started["first_health_pass_at"] is not None
+    assert started["first_request_at"] >= started["first_health_pass_at"], \
+        "the starting instance got a request before its first passing health check"
+
+
+@pytest.mark.timeout(60)
+def test_restart_unhealthy_restarts_a_stuck_instance(tmp_path, foreground_daemon, pmdaemon):
+    app, base = app_config("web", 2, health={"interval": 0.2, "timeout": 0.5, "failure_threshold": 2,
+                                             "restart_unhealthy": True})
+    config, _lb_port = balanced(tmp_path, [app])
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    wait_state(client, base, "up")
+    wait_state(client, base + 1, "up")
+    before = instances(pmdaemon)
+
+    admin(base + 1, "/_admin/health?mode=hang")  # stuck: its health check never answers
+    after = wait_until(lambda: (lambda rows: rows if rows["web-1"]["restarts"] > before["web-1"]["restarts"]
+                                else None)(instances(pmdaemon)), 15, message="web-1 restarted")
+    assert after["web-1"]["restarts"] == before["web-1"]["restarts"] + 1
+    assert after["web-0"]["restarts"] == before["web-0"]["restarts"]
+    assert after["web-0"]["pid"] == before["web-0"]["pid"]
+    wait_state(client, base + 1, "up")  # the fresh process answers its checks
+    assert stats(base + 1)["pid"] != before["web-1"]["pid"]
+    time.sleep(1.0)  # healthy now: no further restart
+    assert instances(pmdaemon)["web-1"]["restarts"] == before["web-1"]["restarts"] + 1
+
+
+@pytest.mark.timeout(60)
+def test_lb_health_and_health_check_test_report_a_failing_backend(tmp_path, foreground_daemon, pmdaemon):
+    app, base = app_config("web", 2, health={"interval": 0.25, "failure_threshold": 2})
+    config, _lb_port = balanced(tmp_path, [app])
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    wait_state(client, base, "up")
+    wait_state(client, base + 1, "up")
+
+    passing = pmdaemon("lb", "health-check", "--test")
+    assert passing.returncode == 0, passing.stdout + passing.stderr
+    results = pmdaemon.json("lb", "health-check", "--test")
+    assert sorted((row["backend"], row["ok"]) for row in results) == [
+        (f"127.0.0.1:{base}", True), (f"127.0.0.1:{base + 1}", True)]
+
+    admin(base + 1, "/_admin/health?mode=fail")
+    failing = pmdaemon("lb", "health-check", "--test")  # checks now, whatever the state says
+    assert failing.returncode == 1
+    assert f"127.0.0.1:{base + 1}" in failing.stdout
+    as_json = pmdaemon("lb", "health-check", "--test", "--json")
+    assert as_json.returncode == 1
+    verdicts = {row["backend"]: row for row in json.loads(as_json.stdout)}
+    assert verdicts[f"127.0.0.1:{base}"]["ok"] is True
+    assert verdicts[f"127.0.0.1:{base + 1}"]["ok"] is False
+    assert "503" in verdicts[f"127.0.0.1:{base + 1}"]["error"]
+
+    wait_state(client, base + 1, "down")
+    rows = {row["backend"]: row for row in pmdaemon.json("lb", "health")}
+    sick, well = rows[f"127.0.0.1:{base + 1}"], rows[f"127.0.0.1:{base}"]
+    assert sick["state"] == "down" and well["state"] == "up"
+    assert sick["consecutive_failures"] >= 2 and well["consecutive_failures"] == 0
+    for row in (sick, well):
+        assert abs(time.time() - row["last_check"]) < 5, "last_check is the time of a recent check"
+
+    admin(base + 1, "/_admin/health?mode=ok")
+    wait_state(client, base + 1, "up")
+    assert pmdaemon("lb", "health-check", "--test").returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_all_backends_down_answers_503_at_once_with_a_plain_text_body(tmp_path, foreground_daemon, pmdaemon):
+    app, base = app_config("web", 2, health={"interval": 0.2, "failure_threshold": 1})
+    # A connect timeout far beyond the client's: an answer that waited on a backend would time out.
+    config, lb_port = balanced(tmp_path, [app], timeouts={"connect": 30000, "read": 30000})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    wait_state(client, base, "up")
+    wait_state(client, base + 1, "up")
+
+    for port in (base, base + 1):
+        admin(port, "/_admin/health?mode=fail")
+    for port in (base, base + 1):
+        wait_state(client, port, "down")
+    before = [served(base), served(base + 1)]
+    reply = get(lb_port, timeout=3)
+    assert reply.status == 503
+    assert reply.headers.get_content_type() == "text/plain"
+    assert b"no healthy backend" in reply.body
+    assert [served(base), served(base + 1)] == before
+
+    assert pmdaemon("stop", "web").returncode == 0
+    reply = get(lb_port, timeout=3)
+    assert reply.status == 503
+    assert reply.headers.get_content_type() == "text/plain"
+    assert reply.body.strip()
