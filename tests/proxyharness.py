@@ -14,9 +14,9 @@ from net.snapshot import UP, BackendView, PoolSnapshot
 class LB:
     """IOLoop + listener on 127.0.0.1:<free port> over `backends` (all UP unless publish=False)."""
 
-    def __init__(self, backends, publish: bool = True, **listener_options):
+    def __init__(self, backends, publish: bool = True, strategy_factory=None, **listener_options):
         self.reports = []
-        self.loop = IOLoop(self.reports.append)
+        self.loop = IOLoop(self.reports.append, strategy_factory)
         self.cfg = ListenerConfig(index=0, port=0, host="127.0.0.1",
                                   backends=tuple(BackendConfig("127.0.0.1", b.port) for b in backends),
                                   **listener_options)

@@ -166,3 +166,29 @@ def test_removed_listener_finishes_in_flight_requests(backends, lb):
     resp, body = result["answer"]
     assert resp.status == 200 and body == b"a GET /sleep/400"
     assert resp.getheader("Connection") == "close"
+
+
+def test_a_failing_handler_costs_one_connection_not_the_loop(backends, lb, caplog):
+    from net.strategies import make_strategy
+
+    def buggy_factory(cfg):
+        strategy = make_strategy(cfg)
+        choose = strategy.choose
+
+        def choose_or_crash(ip, head, exclude):
+            if head.target == b"/boom":
+                raise RuntimeError("strategy bug")
+            return choose(ip, head, exclude)
+
+        strategy.choose = choose_or_crash
+        return strategy
+
+    (a,) = backends(1)
+    proxy = lb([a], strategy_factory=buggy_factory)
+    with connect(proxy.port) as sock:
+        sock.sendall(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_all(sock) == b""  # that connection is closed
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
+    resp, body = get(conn, "/fine")
+    assert resp.status == 200 and body == b"a GET /fine"
+    assert "strategy bug" in caplog.text
