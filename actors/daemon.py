@@ -375,13 +375,33 @@ class Daemon:
             pass
 
     def install_signal_handlers(self) -> None:
-        """Main thread only: SIGINT/SIGTERM ask the daemon to stop everything and exit."""
+        """Main thread only: SIGINT/SIGTERM ask the daemon to stop everything and exit; SIGHUP reloads
+        the config file the running config came from (like `pmdaemon reload --config <it>`)."""
         def on_signal(signum, _frame):
             log.info("received %s, stopping", signal.Signals(signum).name)
             self.request_stop()
 
+        def on_hangup(_signum, _frame):
+            threading.Thread(target=self.reload_from_file, name="sighup-reload", daemon=True).start()
+
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGHUP, on_hangup)
+
+    def reload_from_file(self) -> None:
+        """SIGHUP: read the running config's file again and apply it in place; the outcome goes to the log
+        (an invalid file is refused whole and the running config keeps serving)."""
+        source = getattr(getattr(self.runtime, "config", None), "source", None)
+        if source is None or not self.ready.is_set():
+            log.warning("SIGHUP: no config is running yet; nothing to reload")
+            return
+        log.info("SIGHUP: reloading %s", source)
+        try:
+            result = self._runtime_call("reload_config", self._load(source))
+        except Exception as exc:
+            log.error("SIGHUP: reload of %s refused or failed: %s", source, exc)
+            return
+        log.info("SIGHUP: reloaded %s: %s", source, result)
 
     def shutdown(self) -> None:
         """Stop accepting commands, stop every instance, listener and actor, release the home."""
@@ -584,7 +604,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pmdaemon daemon: {exc}", file=sys.stderr)
         return 1
     daemon.install_signal_handlers()
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         daemon.start()
         daemon.wait()

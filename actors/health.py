@@ -17,12 +17,16 @@ Theory of operation:
   supervisor restart that instance (once per process run).
 - A generation number per backend drops results of rounds that started before a reset (process
   restart, ejection), so a stale "up" never undoes a newer "down".
+- A pool replacement (`scale`, `reload --config`) starts a new probe `seeded` with what the Listener
+  knows of each backend (process running, healthy), so a backend that was up stays up and is told
+  down when its checks fail, without starting over.
 """
 from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import pykka
 
@@ -47,11 +51,13 @@ class _RoundDone:
 class _BackendCheck:
     """Mutable per-backend state, touched only by the actor's thread."""
 
-    def __init__(self, target: CheckTarget, running: bool):
+    def __init__(self, target: CheckTarget, running: bool, healthy: bool = False):
         self.target = target
         self.counter = HealthCounter(target.failure_threshold, target.success_threshold)
+        self.counter.healthy = healthy
         self.running = running
-        self.running_since = time.monotonic()
+        # A backend already up is past its starting window: normal cadence, failures count.
+        self.running_since = time.monotonic() - (target.interval if healthy else 0.0)
         self.generation = 0
         self.timer: TimerHandle | None = None
         self.last_check: float | None = None
@@ -69,13 +75,17 @@ class _BackendCheck:
 
 class HealthProbe(pykka.ThreadingActor):
     def __init__(self, listener: ListenerConfig, listener_ref: pykka.ActorRef,
-                 supervisor_ref: pykka.ActorRef | None, timers: Timers):
+                 supervisor_ref: pykka.ActorRef | None, timers: Timers,
+                 seeded: Sequence[tuple[bool, bool]] = ()):
+        """`seeded`: (running, healthy) per backend, in `listener.backends` order, when this probe
+        replaces one (pool replacement); otherwise each backend starts down."""
         super().__init__()
         self._listener_ref = listener_ref
         self._supervisor_ref = supervisor_ref
         self._timers = timers
-        self._checks = [_BackendCheck(CheckTarget.for_backend(b, listener), running=b.instance is None)
-                        for b in listener.backends]
+        seeded = seeded or [(b.instance is None, False) for b in listener.backends]
+        self._checks = [_BackendCheck(CheckTarget.for_backend(b, listener), running, healthy and running)
+                        for b, (running, healthy) in zip(listener.backends, seeded)]
         self._backends = listener.backends
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(MAX_CHECK_THREADS, len(self._checks))),
                                         thread_name_prefix=f"health-{listener.port}")

@@ -21,6 +21,16 @@ The state the loop sees, first match wins: process not online, unhealthy or quar
 breaker open -> OPEN; draining -> DRAINING; breaker half-open -> HALF_OPEN (with the configured
 number of trial slots, which the loop enforces locally); else UP. Every change of the table that
 changes what the loop sees publishes a new immutable snapshot with the next version.
+
+Replacing the pool (`replace_pool`, for `scale` and `reload --config`): the table is rebuilt for the
+new ListenerConfig; a backend already in the pool (same address and instance) keeps what is known of
+it (process, health, drain, quarantine) and its id, a new one starts down, taking its instance's
+status from the last InstanceEvent heard (the actor remembers every instance's, pooled or not). The
+other actors address backends by position in `config.backends`; the loop and the snapshot by id
+(`BackendView.index`): ids start equal to positions and stay with their backend, and a new backend
+gets an id never used before in this listener, so a request in flight across a replacement is still
+counted against the right backend. `replace_pool` returns the rows, ids included, so the Runtime
+can map ids back to positions.
 """
 from __future__ import annotations
 
@@ -44,6 +54,7 @@ class _PoolRow:
     """What the Listener knows about one backend; mutated only by the actor's thread."""
 
     config: BackendConfig
+    id: int  # BackendView.index: kept across pool replacements, never reused in this listener
     instance_status: str | None  # None: not a managed instance
     healthy: bool = False
     health_error: str | None = None
@@ -63,8 +74,9 @@ class Listener(pykka.ThreadingActor):
         self.config = config
         self._publish_to_loop = publish
         self._timers = timers
-        self._rows = [_PoolRow(b, instance_status=None if b.instance is None else "unknown", weight=b.weight)
-                      for b in config.backends]
+        self._instance_statuses: dict[str, str] = {}  # every instance's last status, pooled or not
+        self._rows = [self._new_row(b, i) for i, b in enumerate(config.backends)]
+        self._next_id = len(self._rows)
         self._probe: pykka.ActorRef | None = None
         self._version = 0
         self._published: tuple[BackendView, ...] | None = None
@@ -75,9 +87,37 @@ class Listener(pykka.ThreadingActor):
 
     # --- wiring and commands (asked by the Runtime) ---
 
-    def attach_probe(self, probe_ref: pykka.ActorRef) -> None:
-        """The HealthProbe is created after this actor (it needs our ref); it is told of process changes."""
+    def attach_probe(self, probe_ref: pykka.ActorRef | None) -> None:
+        """The HealthProbe is created after this actor (it needs our ref); it is told of process changes,
+        at once of every backend's (a probe replaced with the pool may have missed some)."""
         self._probe = probe_ref
+        if probe_ref is not None:
+            for i, row in enumerate(self._rows):
+                probe_ref.tell(ProcessStatus(i, row.process_ok))
+
+    def replace_pool(self, config: ListenerConfig) -> list[dict]:
+        """Adopt `config` (same listener, new pool or policies) and publish. The probe is detached:
+        the Runtime stops the old one first and attaches one for the new pool, seeded from the rows
+        returned (`_row_dict` of each backend, in `config.backends` order). Breakers start closed:
+        the Runtime starts a new CircuitBreaker too."""
+        kept = {(row.config.address, row.config.instance): row for row in self._rows}
+        rows = []
+        for backend in config.backends:
+            row = kept.get((backend.address, backend.instance))
+            if row is None:
+                row = self._new_row(backend, self._next_id)
+                self._next_id += 1
+            else:
+                row.config = backend
+                row.weight = backend.weight
+                row.breaker = CLOSED
+            rows.append(row)
+        self.config = config
+        self._rows = rows
+        self._probe = None
+        self._quarantine_aware = config.strategy == "health_aware_round_robin"
+        self._publish()
+        return self.backends()
 
     def drain(self, indexes: list[int]) -> list[dict]:
         for i in indexes:
@@ -117,8 +157,16 @@ class Listener(pykka.ThreadingActor):
             case Tick(key="quarantine"):
                 self._publish()
 
+    def _new_row(self, backend: BackendConfig, backend_id: int) -> _PoolRow:
+        status = None if backend.instance is None else self._instance_statuses.get(backend.instance, "unknown")
+        return _PoolRow(backend, id=backend_id, instance_status=status, weight=backend.weight)
+
     def _instance_event(self, event: InstanceEvent) -> None:
         status = "removed" if event.removed else event.status
+        if event.removed:
+            self._instance_statuses.pop(event.name, None)
+        else:
+            self._instance_statuses[event.name] = status
         for i, row in enumerate(self._rows):
             if row.config.instance != event.name:
                 continue
@@ -188,7 +236,7 @@ class Listener(pykka.ThreadingActor):
         for i, row in enumerate(self._rows):
             state = self._view_state(i, now)
             views.append(BackendView(
-                index=i, host=row.config.host, port=row.config.port, instance=row.config.instance,
+                index=row.id, host=row.config.host, port=row.config.port, instance=row.config.instance,
                 weight=row.weight, state=state, region=row.config.region,
                 half_open_slots=self.config.circuit_breaker.half_open_requests if state == HALF_OPEN else 0,
             ))
@@ -208,6 +256,7 @@ class Listener(pykka.ThreadingActor):
         now = time.monotonic()
         return {
             "index": index,
+            "id": row.id,
             "address": row.config.address,
             "instance": row.config.instance,
             "app": row.config.app,

@@ -19,6 +19,15 @@ class InstanceEvent:
 
 
 @dataclass(frozen=True)
+class InstanceUsage:
+    """ProcessSupervisor -> usage subscribers, every sampling tick: the whole picture of the running
+    instances whose app has `monitoring.metrics_collection`; an instance left out is not running (or
+    no longer collected)."""
+
+    samples: tuple[tuple[str, float, int], ...]  # (instance name, CPU % of one core, resident bytes) of the process tree
+
+
+@dataclass(frozen=True)
 class LoopReport:
     """IOLoop -> control plane, at most every 50 ms: what happened since the last report."""
 

@@ -14,6 +14,7 @@ threads they need:
 Use (the Runtime wires it):
     ref = MetricsActor.start(listeners, timers=timers)
     ref.tell(loop_report)               # cheapest path for the loop's callback; or proxy().report(r)
+    supervisor.subscribe_usage(ref)     # InstanceUsage every sampling tick: the instance CPU/memory series
     proxy = ref.proxy()
     proxy.set_backend_states(listener_index, {"127.0.0.1:3000": "up", ...})
     proxy.set_instance_usage("web-0", cpu_percent, rss_bytes); proxy.forget_instance("web-0")
@@ -35,7 +36,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pykka
 
-from actors.messages import LoopReport, Tick
+from actors.messages import InstanceUsage, LoopReport, Tick
 from actors.timers import Timers
 from net.config import ListenerConfig
 from net.metrics import LoadBalancerMetrics, json_samples, render_prometheus
@@ -62,6 +63,7 @@ class MetricsActor(pykka.ThreadingActor):
         self._servers: dict[tuple[str, int], _PrometheusServer] = {}
         self._statsd: dict[tuple[str, int, str], _StatsdTarget] = {}
         self._timings: dict[int, TimingSample] = {}  # listener index -> response time sample
+        self._sampled: frozenset[str] = frozenset()  # instances of the last InstanceUsage
         self._flush_scheduled = False
 
     def on_start(self) -> None:
@@ -82,6 +84,8 @@ class MetricsActor(pykka.ThreadingActor):
     def on_receive(self, message: object) -> None:
         if isinstance(message, LoopReport):
             self.report(message)
+        elif isinstance(message, InstanceUsage):
+            self.instance_usage(message)
         elif message == _STATSD_FLUSH:
             self._flush_scheduled = False
             self._flush_statsd()
@@ -108,6 +112,16 @@ class MetricsActor(pykka.ThreadingActor):
 
     def forget_instance(self, name: str) -> None:
         self._metrics.forget_instance(name)
+
+    def instance_usage(self, usage: InstanceUsage) -> None:
+        """The supervisor's latest sample replaces the last one: an instance missing from it stopped
+        (or its app no longer collects metrics), so its series go."""
+        sampled = frozenset(name for name, _, _ in usage.samples)
+        for name in self._sampled - sampled:
+            self._metrics.forget_instance(name)
+        for name, cpu, rss in usage.samples:
+            self._metrics.set_instance_usage(name, cpu, rss)
+        self._sampled = sampled
 
     def reconfigure(self, listeners: Iterable[ListenerConfig]) -> None:
         """Adopt new listeners; counters of listeners that keep their port carry on."""

@@ -13,14 +13,24 @@ subscribes each Listener to the supervisor's InstanceEvents. The IOLoop runs on 
 `on_report` callback (`_ReportFanOut`) splits each LoopReport per listener and backend and only
 `tell`s. The daemon calls the public methods from its control-socket threads: they `ask` actors,
 never the loop, and the ones that change state (apply, drain, shutdown) take `self._lock`.
+
+Zero-downtime operations (`reload_app`, `scale`, `reload_config`) run one at a time on the calling
+thread, built from the steps of actors/rollout.py (drain, restart, wait healthy, put back) and from
+pool replacement: a listener whose pool or policies change keeps its socket, its connections and
+its Listener actor (`IOLoop.replace_listener`, `Listener.replace_pool`); the actors that address
+backends by position (HealthProbe, Backend, CircuitBreaker, Scorer) are replaced, the probe seeded
+with what the Listener knows. The loop counts requests by backend id (`BackendView.index`), which
+a backend keeps across replacements; each unit records its ids, and the fan-out turns them back into
+positions for the actors and the metrics.
 """
 from __future__ import annotations
 
 import errno
 import threading
+import time
 from collections import defaultdict
-from dataclasses import dataclass
-from functools import partial
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pykka
@@ -34,14 +44,17 @@ from actors.listener import Listener
 from actors.messages import BackendOutcomes, LoopReport
 from actors.metrics import MetricsActor
 from actors.ratelimiter import RateLimiter
+from actors.rollout import Instance, Rollout, RolloutAborted, Seat
 from actors.scorer import Scorer
-from actors.supervisor import ProcessSupervisor
+from actors.supervisor import ProcessSupervisor, UnknownTarget
 from actors.timers import Timers
-from net.config import Config, ListenerConfig
+from net.config import AppConfig, BackendConfig, Config, ListenerConfig
+from net.configdiff import (backend_key, dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool,
+                            with_app, with_listeners)
+from net.configfile import ConfigError, instance_spec
+from net.listeners import ListenerTls
 from net.loop import IOLoop
 from net.snapshot import HALF_OPEN, OPEN, UP, PoolSnapshot
-from net.sticky import load_or_create_key
-from net.strategies import make_strategy
 from net.sticky import load_or_create_key
 from net.strategies import make_strategy
 
@@ -61,32 +74,45 @@ class _ListenerUnit:
     ratelimiter: pykka.ActorRef | None
     scorer: pykka.ActorRef | None
     alerter: pykka.ActorRef | None
+    ids: tuple[int, ...] = ()  # each backend's BackendView.index, in config.backends order
+    positions: dict[int, int] | None = None  # backend id -> position, None while they are equal
+
+    @classmethod
+    def numbered(cls, ids: tuple[int, ...], **parts) -> "_ListenerUnit":
+        positions = None if ids == tuple(range(len(ids))) else {backend_id: i for i, backend_id in enumerate(ids)}
+        return cls(ids=ids, positions=positions, **parts)
 
 
 class _ReportFanOut:
     """The IOLoop's `on_report`: runs on the loop thread, so it only splits the report and `tell`s.
 
     `units` is replaced whole (never mutated) by the Runtime, so the loop thread reads a consistent map.
+    `active` is the last report's gauges ((listener, backend id) -> requests in flight), read by drains.
     """
 
     def __init__(self) -> None:
         self.units: dict[int, _ListenerUnit] = {}
         self.metrics: pykka.ActorRef | None = None
+        self.active: dict = {}
         self._last_active: dict = {}
 
     def __call__(self, report: LoopReport) -> None:
+        units = self.units
+        self.active = report.active
         if self.metrics is not None:
-            _tell(self.metrics, report)
+            _tell(self.metrics, _by_position(report, units))
         by_listener: dict[int, list] = defaultdict(list)
         for outcome in report.outcomes:
             by_listener[outcome.listener].append(outcome)
-        for index, unit in self.units.items():
+        for index, unit in units.items():
             outcomes = by_listener.get(index, ())
+            if outcomes and unit.positions is not None:
+                outcomes = [_at_position(outcome, unit.positions) for outcome in outcomes]
             by_backend: dict[int, list] = defaultdict(list)
             for outcome in outcomes:
                 by_backend[outcome.backend].append(outcome)
             for backend, ref in enumerate(unit.backends):
-                key = (index, backend)
+                key = (index, unit.ids[backend])
                 active = report.active.get(key, 0)
                 if backend in by_backend or active != self._last_active.get(key, 0):
                     _tell(ref, BackendOutcomes(tuple(by_backend.get(backend, ())), active))
@@ -97,6 +123,30 @@ class _ReportFanOut:
                 if refused:
                     _tell(unit.ratelimiter, BackendOutcomes(refused))
         self._last_active = report.active
+
+
+def _at_position(outcome, positions: dict[int, int]):
+    """The outcome with its backend id turned into the position in the unit's config (-1: left the pool)."""
+    if outcome.backend < 0:
+        return outcome
+    return outcome._replace(backend=positions.get(outcome.backend, -1))
+
+
+def _by_position(report: LoopReport, units: dict[int, _ListenerUnit]) -> LoopReport:
+    """The report as the MetricsActor reads it: backends by position in each listener's config."""
+    renumbered = {index: unit.positions for index, unit in units.items() if unit.positions is not None}
+    if not renumbered:
+        return report
+    outcomes = tuple(_at_position(o, renumbered[o.listener]) if o.listener in renumbered else o
+                     for o in report.outcomes)
+    active = {}
+    for (listener, backend), count in report.active.items():
+        positions = renumbered.get(listener)
+        if positions is None:
+            active[(listener, backend)] = count
+        elif backend in positions:
+            active[(listener, positions[backend])] = count
+    return LoopReport(outcomes, active, report.client_connections, report.client_regions)
 
 
 def _tell(ref: pykka.ActorRef, message: object) -> None:
@@ -122,10 +172,17 @@ class Runtime:
         self._fanout = _ReportFanOut()
         self._loop = None
         self._loop_thread: threading.Thread | None = None
+        self._strategy_factory = None  # the loop's, kept to check a reloaded config before applying it
         self._metrics: pykka.ActorRef | None = None
         self._metrics_states = None  # the MetricsActor's proxy, kept for the Listeners' publish calls
         self._alb: pykka.ActorRef | None = None  # AlbRegistrar (actors/alb.py), once a config has aws.alb apps
         self._closed = False
+        self._operations = threading.Lock()  # one reload / scale / reload --config at a time
+        self._cancelled = threading.Event()  # set by shutdown: a waiting rollout gives up
+        self._next_listener_index = 0  # listener indexes are never reused (see net/configdiff.py)
+        self._apps: dict[str, AppConfig] = {}  # every app applied, by name, as it runs now (scale included)
+        # (listener index, app) -> what each backend of that app shares, for pools that follow its scale
+        self._templates: dict[tuple[int, str], BackendConfig] = {}
 
     # --- lifecycle ---
 
@@ -148,42 +205,66 @@ class Runtime:
             supervisor = self.supervisor.proxy()
             for app in config.apps:
                 supervisor.start_app(app).get(timeout=ASK_TIMEOUT)
+                self._apps.setdefault(app.name, app)
             if self.config is None or config.listeners:
                 self.config = config
+                self._remember_templates(config.listeners, config.apps)
 
     def _start_listeners(self, config: Config) -> None:
-        from net.loop import IOLoop
+        paths = {listener.index: _listener_path(config, listener) for listener in config.listeners}
+        self._bind(config.listeners, paths)
+        self._start_metrics(config.listeners)
+        units = {listener.index: self._start_unit(listener) for listener in config.listeners}
+        self._fanout.units = units
 
+    def _ensure_loop(self) -> None:
         if self._loop is None:
             # Sticky cookies are signed with the home's key, so they stay valid across daemon restarts.
             session_key = load_or_create_key(self.home)
-            self._loop = IOLoop(self._fanout, lambda listener: make_strategy(listener, session_key=session_key))
+            self._strategy_factory = lambda listener: make_strategy(listener, session_key=session_key)
+            self._loop = IOLoop(self._fanout, self._strategy_factory)
+
+    def _bind(self, listeners, paths: dict[int, str], retry_for: float = 0.0) -> None:
+        """Bind every listener (and start the loop thread) or none: RuntimeError naming `paths[index]`.
+        `retry_for`: seconds to keep retrying a taken port (a port being closed by the loop thread)."""
+        self._ensure_loop()
         bound = []
         try:
-            for listener in config.listeners:
-                try:
-                    self._loop.add_listener(listener)
-                except OSError as e:
-                    where = f"{_listener_path(config, listener)}.port"
-                    if e.errno == errno.EADDRINUSE:
-                        raise RuntimeError(f"{where}: port {listener.port} is already in use") from None
-                    raise RuntimeError(f"{where}: cannot listen on {listener.host}:{listener.port}: "
-                                       f"{e.strerror or e}") from None
-                except ValueError as e:
-                    raise RuntimeError(f"{_listener_path(config, listener)}: {e}") from None
+            for listener in listeners:
+                where = paths[listener.index]
+                deadline = time.monotonic() + retry_for
+                while True:
+                    try:
+                        self._loop.add_listener(listener)
+                        break
+                    except OSError as e:
+                        if e.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                            time.sleep(0.05)
+                            continue
+                        if e.errno == errno.EADDRINUSE:
+                            raise RuntimeError(f"{where}.port: port {listener.port} is already in use") from None
+                        raise RuntimeError(f"{where}.port: cannot listen on {listener.host}:{listener.port}: "
+                                           f"{e.strerror or e}") from None
+                    except ValueError as e:
+                        raise RuntimeError(f"{where}: {e}") from None
                 bound.append(listener.index)
         except RuntimeError:
             for index in bound:
                 self._loop.remove_listener(index)
             raise
+        self._next_listener_index = max([self._next_listener_index, *(l.index + 1 for l in listeners)])
         if self._loop_thread is None:
             self._loop_thread = threading.Thread(target=self._loop.run, name="pmdaemon-ioloop", daemon=True)
             self._loop_thread.start()
-        self._metrics = MetricsActor.start(config.listeners, timers=self._timers)
-        self._metrics_states = self._metrics.proxy()
-        self._fanout.metrics = self._metrics
-        units = {listener.index: self._start_unit(listener) for listener in config.listeners}
-        self._fanout.units = units
+
+    def _start_metrics(self, listeners) -> None:
+        if self._metrics is None:
+            self._metrics = MetricsActor.start(listeners, timers=self._timers)
+            self._metrics_states = self._metrics.proxy()
+            self._fanout.metrics = self._metrics
+            self.supervisor.proxy().subscribe_usage(self._metrics).get(timeout=ASK_TIMEOUT)
+        else:
+            self._metrics.proxy().reconfigure(listeners).get(timeout=ASK_TIMEOUT)
 
     def _start_unit(self, config: ListenerConfig) -> _ListenerUnit:
         listener = Listener.start(config, self._publish, self._timers)
@@ -191,15 +272,20 @@ class Runtime:
         listener.proxy().attach_probe(probe).get(timeout=ASK_TIMEOUT)
         self.supervisor.proxy().subscribe(listener).get(timeout=ASK_TIMEOUT)
         backends = tuple(Backend.start(config, i, listener) for i in range(len(config.backends)))
-        return _ListenerUnit(
+        return _ListenerUnit.numbered(
+            tuple(range(len(config.backends))),
             config=config, listener=listener, probe=probe, backends=backends,
             breaker=CircuitBreaker.start(config, listener, self._timers) if config.circuit_breaker.enabled else None,
             ratelimiter=RateLimiter.start(config.rate_limiting) if config.rate_limiting.enabled else None,
             scorer=(Scorer.start(config, listener, backends, self.supervisor, self._timers)
                     if config.strategy == "performance_based" else None),
-            alerter=(Alerter.start(config, values_from(self._metrics), timers=self._timers)
-                     if config.alerts.enabled and config.alerts.rules else None),
+            alerter=self._start_alerter(config),
         )
+
+    def _start_alerter(self, config: ListenerConfig) -> pykka.ActorRef | None:
+        if config.alerts.enabled and config.alerts.rules:
+            return Alerter.start(config, values_from(self._metrics), timers=self._timers)
+        return None
 
     def _publish(self, snapshot: PoolSnapshot) -> None:
         """What a Listener actor does with a new snapshot (on its own thread): the loop routes by it,
@@ -210,6 +296,7 @@ class Runtime:
 
     def shutdown(self) -> None:
         """Stop the listeners and the loop, every process (waiting for them), then every actor and thread."""
+        self._cancelled.set()
         with self._lock:
             if self._closed:
                 return
@@ -225,6 +312,252 @@ class Runtime:
                 self._fanout.units = {}
                 pykka.ActorRegistry.stop_all()
                 self._timers.close()
+
+    # --- zero-downtime operations: reload, scale, reload --config ---
+
+    def reload_app(self, target: str) -> dict:
+        """`pmdaemon reload <app|instance|all>`: restart the instances one at a time, each drained first
+        and put back once healthy (actors/rollout.py). Raises RolloutAborted (a RuntimeError) naming the
+        instance that did not come back; the ones not yet reloaded were not touched and keep serving."""
+        with self._operation():
+            instances = self._instances(target)
+            return {"target": target, "reloaded": self._rollout().restart_each(instances)}
+
+    def scale(self, app: str, n: int) -> dict:
+        """`pmdaemon scale <app> <n>`: up, the new instances take the next increment_var ports and join
+        the pools that hold all of the app's instances once healthy (this waits for them, at most the
+        rollout's ready timeout, and reports any still `pending`); down, the highest-numbered instances
+        are drained (requests in flight finish, at most kill_timeout), taken out of the pools, then stopped."""
+        with self._operation():
+            if app not in self.supervisor.proxy().app_names().get(timeout=ASK_TIMEOUT):
+                raise UnknownTarget(f"no app named {app!r}; `pmdaemon list` shows the apps")
+            if n < 0:
+                raise ValueError(f"cannot scale {app!r} to {n} instances")
+            running = self._instances(app)
+            rollout = self._rollout()
+            pending: dict[str, str] = {}
+            if n < len(running):
+                leaving = running[n:]
+                rollout.drain_out(leaving)
+                self._set_app_pools(app, [(i.name, i.port) for i in running[:n]],
+                                    gone={i.name for i in leaving})
+                result = self.supervisor.proxy().scale(app, n).get(timeout=ASK_TIMEOUT)
+                rollout.settled(result["removed"], max(i.kill_timeout for i in leaving))
+            else:
+                result = self.supervisor.proxy().scale(app, n).get(timeout=ASK_TIMEOUT)
+                now = self._instances(app)
+                self._set_app_pools(app, [(i.name, i.port) for i in now], gone=set())
+                pending = rollout.wait_joined({i.name: (i, self._seats(i.name)) for i in now
+                                               if i.name in result["added"]})
+            if app in self._apps:
+                self._record_app(replace(self._apps[app], instances=n))
+            return {**result, "pending": pending}
+
+    def reload_config(self, config: Config) -> dict:
+        """`pmdaemon reload --config` and SIGHUP: apply a changed config in place.
+
+        Refused whole, before anything changes, when a listener's TLS files or strategy cannot be
+        built (ConfigError) or a new port cannot be bound (RuntimeError). Then: backends leaving a
+        pool are drained; listeners whose port stays keep their socket and connections and swap pool
+        and policies at once (requests in flight finish where they are), removed ones stop accepting,
+        new ones start; removed apps are stopped, new apps started, apps whose processes would start
+        differently are restarted one instance at a time, and an instance count change is a scale.
+        """
+        with self._operation():
+            if self.config is None:
+                self.apply(config)
+                return {"config": config.source, "listeners": {"added": [l.port for l in config.listeners]},
+                        "apps": {"started": [a.name for a in config.apps]}}
+            return self._reload_config(config)
+
+    def _reload_config(self, config: Config) -> dict:
+        units = {unit.config.port: unit for unit in self._units()}
+        plan = plan_listeners([unit.config for unit in units.values()], config.listeners, self._next_listener_index)
+        paths = {renumbered.index: _listener_path(config, written)
+                 for renumbered, written in zip(plan.listeners, config.listeners)}
+        apps = plan_apps([self._apps.get(a.name, a) for a in self.config.apps], config.apps)
+        # 1. Refuse an invalid config whole: build what each swapped listener needs, bind the new ports.
+        for _, listener in plan.kept:
+            self._check_listener(listener, paths[listener.index])
+        self._alb = alb.attach(self._alb, config, self.supervisor, self._timers)
+        with self._lock:
+            self._bind(plan.added, paths)
+        # 2. Backends leaving a pool may be about to stop: drain them while their pool still routes.
+        rollout = self._rollout()
+        leaving = [(units[old.port], dropped_backends(old, new)) for old, new in plan.kept]
+        leaving += [(units[old.port], list(range(len(old.backends)))) for old in plan.removed]
+        leaving += [(units[old.port], list(range(len(old.backends)))) for old, _ in plan.rebound]
+        seats = [self._seat(unit, i) for unit, positions in leaving for i in positions]
+        rollout.drain(seats, max((self._kill_timeout(seat.instance) for seat in seats), default=0.0))
+        # 3. Listeners: swap in place, remove, add.
+        with self._lock:
+            fresh = dict(self._fanout.units)
+            for old in [*plan.removed, *(old for old, _ in plan.rebound)]:
+                self._stop_unit(fresh.pop(old.index))
+            self._bind([new for _, new in plan.rebound], paths, retry_for=2.0)
+            self._start_metrics(plan.listeners)
+            for old, new in plan.kept:
+                fresh[new.index] = self._swap_unit(fresh[old.index], new)
+            for new in [*plan.added, *(new for _, new in plan.rebound)]:
+                fresh[new.index] = self._start_unit(new)
+            self._fanout.units = fresh
+            self.config = replace(config, listeners=plan.listeners)
+            self._templates = {}
+            self._remember_templates(plan.listeners, config.apps)
+        # 4. Processes: removed apps stop (their backends were drained), new ones start, changed ones roll.
+        supervisor = self.supervisor.proxy()
+        stopped = [name for app in apps.removed for name in supervisor.delete(app).get(timeout=ASK_TIMEOUT)]
+        rollout.settled(stopped, max((self._kill_timeout(name) for name in stopped), default=0.0))
+        for app in apps.removed:
+            self._apps.pop(app, None)
+        rolling = []
+        for app in (*apps.restarted, *apps.updated):
+            before = {i.name for i in self._instances(app.name)}
+            supervisor.update_app(app).get(timeout=ASK_TIMEOUT)
+            result = supervisor.scale(app.name, app.instances).get(timeout=ASK_TIMEOUT)
+            rollout.settled(result["removed"], self._kill_timeout(app.name))
+            self._apps[app.name] = app
+            if app in apps.restarted:
+                rolling += [i for i in self._instances(app.name) if i.name in before]
+        for app in apps.added:
+            supervisor.start_app(app).get(timeout=ASK_TIMEOUT)
+            self._apps[app.name] = app
+        report = {
+            "config": config.source,
+            "listeners": {"kept": [new.port for _, new in plan.kept], "added": [l.port for l in plan.added],
+                          "removed": [l.port for l in plan.removed], "rebound": [new.port for _, new in plan.rebound]},
+            "apps": {"started": [a.name for a in apps.added], "stopped": list(apps.removed),
+                     "restarted": [a.name for a in apps.restarted], "updated": [a.name for a in apps.updated],
+                     "unchanged": list(apps.unchanged)},
+        }
+        try:
+            report["reloaded"] = rollout.restart_each(rolling)
+        except RolloutAborted as exc:
+            raise RolloutAborted(f"the new config is applied, but its rolling restart stopped: {exc}") from None
+        return report
+
+    def _check_listener(self, listener: ListenerConfig, where: str) -> None:
+        """What `IOLoop.replace_listener` will build, built once now: a failure refuses the config."""
+        try:
+            ListenerTls.build(listener)
+            self._strategy_factory(listener)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(where, str(exc)) from None
+
+    def _swap_unit(self, unit: _ListenerUnit, config: ListenerConfig) -> _ListenerUnit:
+        """Give listener `unit` a new config on the same socket (caller holds `self._lock`).
+
+        Order matters: the loop swaps first (it may still refuse), then the actors that speak of
+        backends by position stop (what they told the Listener is already in its mailbox), then the
+        Listener adopts the new pool, then their replacements start, the probe seeded from the
+        Listener's rows."""
+        self._loop.replace_listener(config)
+        old_positions = {backend_key(b): i for i, b in enumerate(unit.config.backends)}
+        same_rules = (unit.config.strategy, unit.config.update_interval) == (config.strategy, config.update_interval)
+        kept = {i: unit.backends[i] for i, b in enumerate(config.backends)
+                if same_rules and old_positions.get(backend_key(b)) == i}
+        retired = [unit.probe, unit.breaker, unit.scorer,
+                   *(ref for i, ref in enumerate(unit.backends) if kept.get(i) is not ref)]
+        same_limits = unit.config.rate_limiting == config.rate_limiting
+        same_alerts = unit.config.alerts == config.alerts
+        retired += [None if same_limits else unit.ratelimiter, None if same_alerts else unit.alerter]
+        listener = unit.listener
+        listener.proxy().attach_probe(None).get(timeout=ASK_TIMEOUT)  # no ProcessStatus to a stopped probe
+        for ref in retired:
+            if ref is not None:
+                ref.stop()
+        rows = listener.proxy().replace_pool(config).get(timeout=ASK_TIMEOUT)
+        seeded = [(row["instance"] is None or row["process"] == "online", row["healthy"]) for row in rows]
+        probe = HealthProbe.start(config, listener, self.supervisor, self._timers, seeded=seeded)
+        listener.proxy().attach_probe(probe).get(timeout=ASK_TIMEOUT)
+        backends = tuple(kept.get(i) or Backend.start(config, i, listener) for i in range(len(config.backends)))
+        ratelimiter = unit.ratelimiter if same_limits else (
+            RateLimiter.start(config.rate_limiting) if config.rate_limiting.enabled else None)
+        return _ListenerUnit.numbered(
+            tuple(row["id"] for row in rows),
+            config=config, listener=listener, probe=probe, backends=backends,
+            breaker=CircuitBreaker.start(config, listener, self._timers) if config.circuit_breaker.enabled else None,
+            ratelimiter=ratelimiter,
+            scorer=(Scorer.start(config, listener, backends, self.supervisor, self._timers)
+                    if config.strategy == "performance_based" else None),
+            alerter=unit.alerter if same_alerts else self._start_alerter(config),
+        )
+
+    def _stop_unit(self, unit: _ListenerUnit) -> None:
+        """A listener left the config: it stops accepting (requests in flight finish), its actors stop."""
+        self._loop.remove_listener(unit.config.index)
+        for ref in (unit.probe, unit.breaker, unit.scorer, unit.ratelimiter, unit.alerter, *unit.backends, unit.listener):
+            if ref is not None:
+                ref.stop()
+
+    def _set_app_pools(self, app: str, instances: list[tuple[str, int | None]], gone: set[str]) -> None:
+        """After a scale: pools that follow `app` hold exactly `instances`; `gone` leave every pool."""
+        with self._lock:
+            fresh = dict(self._fanout.units)
+            changed = []
+            for index, unit in fresh.items():
+                config = unit.config
+                template = self._templates.get((index, app))
+                if template is not None:
+                    config = scaled_pool(config, app, instances, template)
+                config = replace(config, backends=tuple(b for b in config.backends if b.instance not in gone))
+                if config != unit.config:
+                    fresh[index] = self._swap_unit(unit, config)
+                    changed.append(config)
+            self._fanout.units = fresh
+            if changed:
+                self._start_metrics([unit.config for unit in fresh.values()])
+                self.config = with_listeners(self.config, changed)
+
+    def _record_app(self, app: AppConfig) -> None:
+        """The app as it runs now (after a scale), for `lb config` and the next reload's comparison."""
+        app = replace(app, instance_specs=tuple(instance_spec(app, i) for i in range(app.instances)))
+        self._apps[app.name] = app
+        if self.config is not None and self.config.app(app.name) is not None:
+            self.config = with_app(self.config, app)
+
+    def _remember_templates(self, listeners, apps) -> None:
+        """Which pools follow which app's scale: those that hold every instance the config gives it."""
+        for listener in listeners:
+            for app in apps:
+                if follows_app(listener, app.name, (spec.name for spec in app.instance_specs)):
+                    template = next(b for b in listener.backends if b.app == app.name)
+                    self._templates[(listener.index, app.name)] = template
+
+    def _instances(self, target: str) -> list[Instance]:
+        """The instances `target` names (an app, an instance or "all"), in the supervisor's order."""
+        rows = self.supervisor.proxy().list().get(timeout=ASK_TIMEOUT)
+        if target != "all":
+            rows = [r for r in rows if r["app"] == target] or [r for r in rows if r["name"] == target]
+            if not rows:
+                raise UnknownTarget(f"no app or instance named {target!r}; `pmdaemon list` shows them")
+        return [Instance(r["name"], r["app"], r["port"], self._kill_timeout(r["name"])) for r in rows]
+
+    def _kill_timeout(self, name: str | None) -> float:
+        """kill_timeout of an app, or of the app of an instance (`<app>-<i>`); the default for others."""
+        app = self._apps.get(name) or self._apps.get((name or "").rsplit("-", 1)[0])
+        return app.kill_timeout if app is not None else AppConfig.kill_timeout
+
+    def _seats(self, name: str) -> list[Seat]:
+        return [self._seat(unit, i) for unit in self._units()
+                for i, backend in enumerate(unit.config.backends) if backend.instance == name]
+
+    @staticmethod
+    def _seat(unit: _ListenerUnit, position: int) -> Seat:
+        backend = unit.config.backends[position]
+        return Seat(unit.config.index, unit.listener, position, unit.ids[position], backend.health_check,
+                    backend.instance)
+
+    def _rollout(self) -> Rollout:
+        return Rollout(self.supervisor, self._seats, lambda listener, backend: self._fanout.active.get((listener, backend), 0),
+                       self._cancelled)
+
+    @contextmanager
+    def _operation(self):
+        with self._operations:
+            if self._cancelled.is_set():
+                raise RuntimeError("the daemon is shutting down")
+            yield
 
     # --- lb commands ---
 

@@ -31,7 +31,8 @@ Before each spawn of an instance that has a port, 127.0.0.1:<port> is probed wit
 something already accepts there, the instance is `errored` with that reason (in `list()` and its
 error log) instead of crash-looping on EADDRINUSE. Every `sample_interval` the process trees are
 sampled (RSS over the whole tree against `max_memory_restart`; orphans adopted from a running
-instance's group are reaped).
+instance's group are reaped), and usage subscribers are told the CPU and RSS of the instances whose
+app has `monitoring.metrics_collection` (`InstanceUsage`).
 
 stop/restart/delete return at once; `settled(names)` gives a future for "those requests are done".
 Every status change is told to each subscriber as an `InstanceEvent`.
@@ -52,7 +53,7 @@ from pathlib import Path
 import psutil
 import pykka
 
-from actors.messages import InstanceEvent
+from actors.messages import InstanceEvent, InstanceUsage
 from actors.procwatch import ProcessWatcher, TimerHandle, kill_and_reap
 from actors.restartpolicy import ERRORED as VERDICT_ERRORED
 from actors.restartpolicy import RESTART, RestartHistory, RestartRules
@@ -132,7 +133,8 @@ class ProcessSupervisor(pykka.ThreadingActor):
     """Spawns, watches, restarts and stops the instances of the configured apps.
 
     Logs go to `<home>/logs/<instance>-out.log` and `-error.log`, appended across restarts.
-    `sample_interval` is how often the process trees are sampled for `max_memory_restart`.
+    `sample_interval` is how often the process trees are sampled for `max_memory_restart` and for
+    usage subscribers.
     """
 
     def __init__(self, home: Path, sample_interval: float = 5.0):
@@ -142,6 +144,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         self._apps: dict[str, AppConfig] = {}
         self._instances: dict[str, _Instance] = {}
         self._subscribers: list[pykka.ActorRef] = []
+        self._usage_subscribers: list[pykka.ActorRef] = []
         self._settle_waiters: list[tuple[frozenset[str], pykka.ThreadingFuture]] = []
         self._watcher = ProcessWatcher()
 
@@ -241,6 +244,16 @@ class ProcessSupervisor(pykka.ThreadingActor):
             index += 1
         return {"app": app, "instances": count, "added": added, "removed": removed}
 
+    def update_app(self, app: AppConfig) -> None:
+        """Use `app`'s config (same name) from the next spawn of each of its instances on; running
+        processes are left alone (`reload --config` then restarts them one at a time)."""
+        if app.name not in self._apps:
+            raise UnknownTarget(f"no app named {app.name!r}")
+        self._apps[app.name] = app
+        for instance in self._of_app(app.name):
+            if instance.goal != REMOVE:
+                instance.app, instance.spec = app, _spec(app, instance.spec.index)
+
     def stop_all(self) -> list[str]:
         """Stop every instance and wait until their processes are gone (at most the longest kill_timeout + 1 s)."""
         instances = self._ordered()
@@ -268,14 +281,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         """One row per instance: name, app, status, pid, port, uptime (s), restarts, cpu (%), memory (bytes), error."""
         rows, children = [], _children_by_parent()
         for instance in self._ordered():
-            cpu, memory = 0.0, 0
-            for process in self._sample_tree(instance, children):
-                try:
-                    with process.oneshot():
-                        cpu += process.cpu_percent(None)
-                        memory += process.memory_info().rss
-                except psutil.Error:
-                    pass
+            cpu, memory = self._tree_usage(instance, children)
             running = instance.process is not None
             rows.append({
                 "name": instance.name,
@@ -306,6 +312,10 @@ class ProcessSupervisor(pykka.ThreadingActor):
         self._subscribers.append(actor_ref)
         for instance in self._ordered():
             self._notify(instance, only=actor_ref)
+
+    def subscribe_usage(self, actor_ref: pykka.ActorRef) -> None:
+        """Tell `actor_ref` an InstanceUsage every `sample_interval` (app `monitoring.metrics_collection`)."""
+        self._usage_subscribers.append(actor_ref)
 
     def settled(self, names: list[str]) -> pykka.ThreadingFuture:
         """A future set (to `list()` rows of those still present) once none of `names` is stopping or launching.
@@ -345,10 +355,12 @@ class ProcessSupervisor(pykka.ThreadingActor):
                 self._signal_group(instance, signal.SIGKILL)
                 kill_and_reap(p for p in instance.tree.values() if p.pid != instance.process.pid)
         elif isinstance(message, _SampleTick):
+            children = None
             if any(i.process is not None for i in self._instances.values()):
                 children = _children_by_parent()
                 self._enforce_memory_limits(children)
                 self._reap_adopted_zombies(children)
+            self._publish_usage(children)
             self._watcher.call_later(self._sample_interval, lambda: self._tell_self(_SampleTick()))
 
     def _on_child_exited(self, message: _ChildExited) -> None:
@@ -534,6 +546,32 @@ class ProcessSupervisor(pykka.ThreadingActor):
                 pending.append(child.pid)
         instance.tree = tree
         return list(tree.values())
+
+    def _tree_usage(self, instance: _Instance, children: dict[int, list[psutil.Process]]) -> tuple[float, int]:
+        """CPU (% of one core, since the last sample) and resident bytes of the instance's process tree."""
+        cpu, memory = 0.0, 0
+        for process in self._sample_tree(instance, children):
+            try:
+                with process.oneshot():
+                    cpu += process.cpu_percent(None)
+                    memory += process.memory_info().rss
+            except psutil.Error:
+                pass
+        return cpu, memory
+
+    def _publish_usage(self, children: dict[int, list[psutil.Process]] | None) -> None:
+        """Tell usage subscribers the usage of every running instance whose app collects metrics.
+        `children` is this tick's `_children_by_parent()`, None when no instance runs."""
+        if not self._usage_subscribers:
+            return
+        collected = [i for i in self._ordered() if i.process is not None and i.app.monitoring_enabled
+                     and i.app.metrics_collection] if children is not None else []
+        usage = InstanceUsage(tuple((i.name, *self._tree_usage(i, children)) for i in collected))
+        for subscriber in list(self._usage_subscribers):
+            try:
+                subscriber.tell(usage)
+            except pykka.ActorDeadError:
+                self._usage_subscribers.remove(subscriber)
 
     def _enforce_memory_limits(self, children: dict[int, list[psutil.Process]]) -> None:
         for instance in self._ordered():

@@ -95,6 +95,14 @@ class HttpsListener(HttpListener):
             handshake.close()
         super().close_all()
 
+    def take_over(self, old: HttpListener) -> None:
+        """Config reload: handshakes in progress complete under this listener (a plain one has none)."""
+        for handshake in getattr(old, "handshakes", ()):
+            handshake.owner = self
+            self.handshakes.add(handshake)
+        old.handshakes = set()
+        super().take_over(old)
+
 
 def make_listener(loop, cfg: ListenerConfig, sock: socket.socket, strategy, tls: ListenerTls):
     """The listener object the loop registers for `sock` (loop thread)."""

@@ -1,7 +1,7 @@
 """The data plane: one thread, one selector (epoll), every client and backend socket.
 
-Other threads talk to the loop only through `add_listener`, `remove_listener`, `publish` and `stop`:
-each puts a call on a queue and writes one byte to a wake-up socketpair (trio's
+Other threads talk to the loop only through `add_listener`, `replace_listener`, `remove_listener`,
+`publish` and `stop`: each puts a call on a queue and writes one byte to a wake-up socketpair (trio's
 `_wakeup_socketpair` trick), so the loop never takes a lock on its hot path and never waits on an
 actor. The loop talks back only through `on_report(LoopReport)`, at most every 50 ms, with the
 outcomes collected since the last report and the current gauges.
@@ -131,6 +131,16 @@ class IOLoop:
         """Stop accepting; requests in flight finish, then their connections close."""
         self._call(self._remove_listener, index)
 
+    def replace_listener(self, cfg: ListenerConfig) -> None:
+        """Config reload of a bound listener (same index, host, port and type): the listening socket
+        stays open, open client connections stay open, and from the next request on everything follows
+        `cfg` (strategy, policies, TLS); requests in flight finish on the connections they have. The
+        strategy and TLS files are built here, in the caller's thread, like `add_listener` (ValueError
+        if a file fails); the strategy gets the last published snapshot until the next `publish`."""
+        tls = ListenerTls.build(cfg)
+        strategy = self._strategy_factory(cfg)
+        self._call(self._swap_listener, cfg, strategy, tls)
+
     def publish(self, snapshot: PoolSnapshot) -> None:
         """Hand a new backend pool to the listener's strategy (takes effect for the next request)."""
         addresses = {b.index: (resolve_host(b.host), b.port) for b in snapshot.backends}
@@ -163,6 +173,18 @@ class IOLoop:
         self.listeners[cfg.index] = listener
         self.client_connections.setdefault(cfg.index, 0)
         self.selector.register(sock, selectors.EVENT_READ, listener)
+
+    def _swap_listener(self, cfg: ListenerConfig, strategy, tls: ListenerTls) -> None:
+        old = self.listeners.get(cfg.index)
+        if old is None or old.closed:
+            return
+        listener = make_listener(self, cfg, old.sock, strategy, tls)
+        listener.take_over(old)
+        self.listeners[cfg.index] = listener
+        try:
+            self.selector.modify(old.sock, selectors.EVENT_READ, listener)
+        except KeyError:
+            pass  # a TCP listener at its connection cap is not registered; it re-registers itself
 
     def _remove_listener(self, index: int) -> None:
         listener = self.listeners.pop(index, None)

@@ -132,6 +132,19 @@ class HttpListener:
         for conn in list(self.connections):
             conn.close()
 
+    def take_over(self, old: "HttpListener") -> None:
+        """Config reload (`IOLoop.replace_listener`): this listener, built from the new config on the old
+        one's socket, adopts the old one's client and backend connections. Their next requests follow
+        the new config; exchanges in progress finish on the backend connections they have."""
+        if old.snapshot is not None:
+            self.publish(old.snapshot, old.addresses)
+        for handshake in list(getattr(old, "handshakes", ())):
+            handshake.close()  # TLS was turned off for this port (an HttpsListener adopts them instead)
+        self.connections = old.connections
+        for conn in self.connections:
+            conn.listener = self
+        self.pool.adopt(old.pool)
+
 
 class ClientConnection(Channel):
     __slots__ = ("listener", "ip", "ip_bytes", "forwarded_for", "reader", "state", "head_since", "pumping", "head",

@@ -165,6 +165,18 @@ class TcpListener:
         for session in list(self.sessions):
             session.close(None)
 
+    def take_over(self, old: "TcpListener") -> None:
+        """Config reload (`IOLoop.replace_listener`): open sessions and handshakes continue under this
+        listener, which counts them against its connection cap; new connections follow the new config."""
+        if old.snapshot is not None:
+            self.publish(old.snapshot, old.addresses)
+        self.sessions, self.handshakes = old.sessions, old.handshakes
+        self.open, self.accepting = old.open, old.accepting
+        for session in self.sessions:
+            session.listener = self
+        for handshake in self.handshakes:
+            handshake.owner = self
+
 
 class ClientSide(Channel):
     __slots__ = ("session",)

@@ -184,6 +184,17 @@ class UpstreamPool:
                 pass
         conn.owner = None
 
+    def adopt(self, old: "UpstreamPool") -> None:
+        """Config reload: take over the old pool's connections and counts, so connections busy now are
+        released into this pool and the per-backend limit still counts them. Idle ones are closed when
+        the TLS settings towards the backends changed (a new context is built on every reload)."""
+        self.hosts = old.hosts
+        if old.connection_class is not self.connection_class or old.tls_context is not self.tls_context:
+            for host in self.hosts.values():
+                while host.idle:
+                    host.idle.pop().close()
+                    host.count -= 1
+
     def close_idle(self) -> None:
         """Listener removed: close idle connections now and busy ones when their exchange ends."""
         self.closing = True

@@ -91,7 +91,7 @@ def test_help_lists_every_command(pmdaemon):
 def invalid_config(tmp_path, app_script):
     app = http_app_config(app_script, "web", 2, free_port_range(2),
                           load_balancer={"strategy": "round_robbin"})
-    return write_config(tmp_path, {"apps": [app]}), app_script
+    return write_config(tmp_path, {"apps": [app]}, name="invalid.json"), app_script
 
 
 def test_invalid_config_exits_2_names_the_json_path_and_starts_nothing(pmdaemon, pmdaemon_home, invalid_config):
