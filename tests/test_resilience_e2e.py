@@ -360,3 +360,181 @@ def test_all_backends_down_answers_503_at_once_with_a_plain_text_body(tmp_path, 
     assert reply.status == 503
     assert reply.headers.get_content_type() == "text/plain"
     assert reply.body.strip()
+
+
+# --- circuit breaker ------------------------------------------------------------------------------
+
+def breaker_state(client: ControlClient, port: int) -> str:
+    return backend_row(client, port)["breaker"]
+
+
+def wait_breaker(client: ControlClient, port: int, state: str, timeout: float = 10.0) -> float:
+    wait_until(lambda: breaker_state(client, port) == state, timeout, interval=0.02,
+               message=f"breaker of {port} {state}")
+    return time.monotonic()
+
+
+def trip(lb_port: int, client: ControlClient, port: int) -> float:
+    """Send requests until the breaker of the (500-answering) backend on `port` is open; returns when
+    the client got the last 500 it saw, a lower bound of the moment the breaker tripped."""
+    last_failure = None
+    deadline = time.monotonic() + 10
+    while breaker_state(client, port) != "open":
+        assert time.monotonic() < deadline, "the breaker did not open"
+        reply = get(lb_port)
+        if reply.status == 500:
+            last_failure = time.monotonic()
+    return last_failure
+
+
+@pytest.mark.timeout(60)
+def test_breaker_opens_after_threshold_5xx_keeps_traffic_off_until_recovery_timeout_then_closes(
+        tmp_path, foreground_daemon, pmdaemon):
+    threshold, recovery = 3, 2.0
+    app, base = app_config("web", 2)
+    config, lb_port = balanced(tmp_path, [app], circuit_breaker={
+        "enabled": True, "failure_threshold": threshold, "recovery_timeout": int(recovery * 1000),
+        "half_open_requests": 1})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    broken, well = base, base + 1
+    wait_state(client, broken, "up")
+    wait_state(client, well, "up")
+
+    admin(broken, "/_admin/fail?on=1")
+    failures, tripped = 0, None
+    while failures < threshold:
+        reply = get(lb_port)
+        if reply.status == 500:
+            assert reply.backend == broken
+            failures += 1
+            tripped = time.monotonic()
+            if failures < threshold:
+                time.sleep(0.3)  # the outcome has long reached the breaker: one short of the threshold
+                assert breaker_state(client, broken) == "closed"
+    wait_breaker(client, broken, "open", timeout=recovery / 2)
+    assert served(broken) == threshold
+
+    rows = {row["address"]: row for row in pmdaemon.json("lb", "backends")}
+    assert rows[f"127.0.0.1:{broken}"]["state"] == "open"
+    assert rows[f"127.0.0.1:{well}"]["state"] == "up"
+
+    # Open: nothing reaches it until recovery_timeout has passed since the trip.
+    replies = []
+    while time.monotonic() < tripped + recovery - 0.25:
+        replies.append(get(lb_port))
+    assert replies and {(r.status, r.backend) for r in replies} == {(200, well)}
+    assert served(broken) == threshold, "an open breaker let a request through"
+
+    # Half-open after the timeout: a trial reaches it; it succeeds and the breaker closes.
+    admin(broken, "/_admin/fail?on=0")
+    trial = None
+    while trial is None:
+        started = time.monotonic()
+        reply = get(lb_port)
+        assert reply.status == 200
+        if reply.backend == broken:
+            trial = started
+        assert time.monotonic() < tripped + recovery + 5, "no trial request after recovery_timeout"
+    assert trial >= tripped + recovery - 0.1
+    wait_breaker(client, broken, "closed")
+    assert {get(lb_port).backend for _ in range(4)} == {broken, well}
+    assert backend_row(client, broken)["state"] == "up"
+
+
+@pytest.mark.timeout(60)
+def test_half_open_admits_exactly_half_open_requests_concurrent_trials_and_a_failed_trial_reopens(
+        tmp_path, foreground_daemon, pmdaemon):
+    trials, recovery = 2, 1.0
+    app, base = app_config("web", 2)
+    config, lb_port = balanced(tmp_path, [app], circuit_breaker={
+        "enabled": True, "failure_threshold": 2, "recovery_timeout": int(recovery * 1000),
+        "half_open_requests": trials})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    broken, well = base, base + 1
+    wait_state(client, broken, "up")
+    wait_state(client, well, "up")
+
+    admin(broken, "/_admin/fail?on=1")
+    trip(lb_port, client, broken)
+    admin(broken, "/_admin/fail?on=0")
+    admin(broken, "/_admin/delay?ms=1500")  # trials stay in flight while the others arrive
+    wait_breaker(client, broken, "half_open")
+    before = served(broken)
+    concurrent = 4 * trials + 2
+    with ThreadPoolExecutor(concurrent) as pool:
+        replies = list(pool.map(lambda _: get(lb_port), range(concurrent)))
+    assert [r.status for r in replies] == [200] * concurrent
+    assert served(broken) - before == trials, "half-open admitted a different number of trials"
+    assert sum(r.backend == broken for r in replies) == trials
+    wait_breaker(client, broken, "closed")  # every trial succeeded
+
+    # Open again, then a failing trial re-opens it with the timer restarted.
+    admin(broken, "/_admin/delay?ms=0")
+    admin(broken, "/_admin/fail?on=1")
+    trip(lb_port, client, broken)
+    wait_breaker(client, broken, "half_open")
+    failed_trial, deadline = None, time.monotonic() + 5
+    while failed_trial is None:
+        if get(lb_port).status == 500:
+            failed_trial = time.monotonic()
+        assert time.monotonic() < deadline, "no trial request while half-open"
+    wait_breaker(client, broken, "open", timeout=recovery / 2)
+    count = served(broken)
+    while time.monotonic() < failed_trial + recovery - 0.25:
+        assert get(lb_port).backend == well
+    assert served(broken) == count, "a re-opened breaker let a request through"
+    wait_breaker(client, broken, "half_open", timeout=5)
+
+
+@pytest.mark.timeout(60)
+def test_breakers_all_open_answer_503_at_once(tmp_path, foreground_daemon, pmdaemon):
+    app, base = app_config("web", 2)
+    config, lb_port = balanced(tmp_path, [app], timeouts={"connect": 30000, "read": 30000},
+                               circuit_breaker={"enabled": True, "failure_threshold": 2, "recovery_timeout": 30000})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    for port in (base, base + 1):
+        wait_state(client, port, "up")
+        admin(port, "/_admin/fail?on=1")
+    for port in (base, base + 1):
+        trip(lb_port, client, port)
+    before = [served(base), served(base + 1)]
+    reply = get(lb_port, timeout=3)
+    assert reply.status == 503
+    assert reply.headers.get_content_type() == "text/plain"
+    assert reply.body.strip()
+    assert [served(base), served(base + 1)] == before
+    assert {row["state"] for row in pmdaemon.json("lb", "backends")} == {"open"}
+
+
+@pytest.mark.timeout(60)
+def test_responses_the_balancer_makes_429_and_503_never_open_a_breaker(tmp_path, foreground_daemon, pmdaemon):
+    app, base = app_config("web", 1)
+    config, lb_port = balanced(
+        tmp_path, [app],
+        circuit_breaker={"enabled": True, "failure_threshold": 2, "recovery_timeout": 30000},
+        rate_limiting={"enabled": True, "requests_per_second": 1000, "burst_size": 1000, "per_ip_limit": 2},
+        connection_pool={"max_connections": 1})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    wait_state(client, base, "up")
+
+    statuses = [get(lb_port, source=CLIENT_A).status for _ in range(8)]
+    assert statuses.count(429) >= 5
+
+    admin(base, "/_admin/delay?ms=1000")  # one request holds the only backend connection
+    sources = [f"127.0.0.{i}" for i in range(10, 15)]  # each under its own per-IP limit
+    with ThreadPoolExecutor(len(sources)) as pool:
+        first = pool.submit(get, lb_port, "/", sources[0])
+        time.sleep(0.3)
+        rest = list(pool.map(lambda source: get(lb_port, source=source).status, sources[1:]))
+        assert first.result().status == 200
+    assert rest == [503] * len(rest)
+
+    time.sleep(0.3)  # every outcome has been reported
+    row = backend_row(client, base)
+    assert (row["state"], row["breaker"]) == ("up", "closed")
+    admin(base, "/_admin/delay?ms=0")
+    assert get(lb_port, source=CLIENT_B).status == 200
