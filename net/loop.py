@@ -27,6 +27,7 @@ from net.config import ListenerConfig
 from net.listeners import ListenerTls, make_listener
 from net.proxy import HttpListener
 from net.snapshot import Outcome, PoolSnapshot
+from net.strategies import make_strategy
 
 log = logging.getLogger("pmdaemon.loop")
 
@@ -80,9 +81,7 @@ class IOLoop:
     def __init__(self, on_report: Callable[[LoopReport], None], strategy_factory: Callable | None = None):
         """`strategy_factory(listener_cfg) -> Strategy`; defaults to net.strategies.make_strategy."""
         self.on_report = on_report
-        if strategy_factory is None:
-            from net.strategies import make_strategy as strategy_factory
-        self._strategy_factory = strategy_factory
+        self._strategy_factory = strategy_factory or make_strategy
         self.selector = selectors.DefaultSelector()
         self.now = time.monotonic()
         self.listeners: dict[int, HttpListener] = {}

@@ -36,6 +36,7 @@ from net.config import ListenerConfig
 from net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead, field_value
 from net.responses import lb_response
 from net.snapshot import Outcome, PoolSnapshot
+from net.strategies import Strategy
 from net.tokenbucket import RateLimiter
 from net.upstream import RECV_SIZE, BackendConnection, UpstreamPool
 
@@ -67,6 +68,9 @@ class HttpListener:
         self.index = cfg.index
         self.sock = sock
         self.strategy = strategy
+        # Only sticky sessions add response headers (Set-Cookie): skip the call per response otherwise.
+        self.adds_response_headers = (getattr(type(strategy), "response_headers", Strategy.response_headers)
+                                      is not Strategy.response_headers)
         self.snapshot: PoolSnapshot | None = None
         self.addresses: dict[int, tuple] = {}
         self.pool = UpstreamPool(loop, cfg)
@@ -646,8 +650,9 @@ class ClientConnection(Channel):
         self.resp = resp
         self.status = resp.status
         parts = self._filtered_response(resp, False)
-        for name, value in self.listener.strategy.response_headers(head, self.view):
-            parts += (name, b": ", value, CRLF)
+        if self.listener.adds_response_headers:
+            for name, value in self.listener.strategy.response_headers(head, self.view):
+                parts += (name, b": ", value, CRLF)
         if not keep:
             parts.append(b"Connection: close\r\n\r\n")
         elif head.version == 10:
