@@ -99,12 +99,16 @@ def _scalar(value: object) -> str:
 
 
 def _flatten(obj: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """{"responses": {"2xx": 3}} -> [("responses.2xx", 3)] for key/value output."""
+    """{"apps": {"started": ["web"]}} -> [("apps.started", "web")] for key/value output."""
     pairs = []
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             pairs.extend(_flatten(value, f"{name}."))
+        elif isinstance(value, (list, tuple, dict)) and not value:
+            pairs.append((name, "-"))
+        elif isinstance(value, (list, tuple)) and not any(isinstance(item, (dict, list)) for item in value):
+            pairs.append((name, ", ".join(_scalar(item) for item in value)))
         else:
             pairs.append((name, _scalar(value)))
     return pairs

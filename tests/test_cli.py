@@ -13,7 +13,6 @@ import subprocess
 
 import pytest
 
-from actors.runtime import Runtime
 from conftest import (CLI, REPO, daemon_pid, free_port, free_port_range, http_app_config, process_alive,
                       processes_of_home, wait_until, write_config)
 from net.control import socket_path
@@ -45,11 +44,6 @@ def _run_in_terminal(pmdaemon, *args: str, env: dict | None = None, timeout: flo
         output += chunk
     os.close(master)
     return process.wait(timeout), output.decode()
-
-
-def _needs(*methods: str):
-    missing = [m for m in methods if not hasattr(Runtime, m)]
-    return pytest.mark.skipif(bool(missing), reason=f"Runtime lacks {', '.join(missing)} in this build")
 
 
 @pytest.fixture
@@ -301,7 +295,6 @@ def test_foreground_daemon_exits_0_on_sigint_and_sigterm(foreground_daemon, pmda
 # -- scale and reload -----------------------------------------------------------------------------
 
 
-@_needs("scale")
 @pytest.mark.timeout(90)
 def test_scale_up_and_down(pmdaemon, web_config):
     config, base = web_config
@@ -318,7 +311,6 @@ def test_scale_up_and_down(pmdaemon, web_config):
     assert unknown.returncode == 1 and "nope" in unknown.stderr
 
 
-@_needs("reload_app")
 @pytest.mark.timeout(120)
 def test_reload_restarts_every_instance(pmdaemon, web_config):
     config, _ = web_config
@@ -330,7 +322,6 @@ def test_reload_restarts_every_instance(pmdaemon, web_config):
     assert all(row["pid"] != before[row["name"]] for row in after)
 
 
-@_needs("reload_config")
 @pytest.mark.timeout(90)
 def test_reload_config_refuses_an_invalid_config_whole(pmdaemon, web_config, invalid_config):
     config, _ = web_config
@@ -360,16 +351,6 @@ def balanced(pmdaemon, tmp_path, app_script):
     return port, base
 
 
-def test_lb_commands_the_runtime_lacks_say_so(pmdaemon, balanced):
-    for args, method in ((["lb", "stats"], "lb_stats"), (["lb", "traffic"], "lb_traffic"),
-                         (["lb", "drain", "web-0"], "lb_drain"), (["scale", "web", "3"], "scale")):
-        result = pmdaemon(*args)
-        if hasattr(Runtime, method):
-            continue
-        assert result.returncode == 1 and "not available in this build" in result.stderr, result
-
-
-@_needs("lb_status")
 def test_lb_status_json_fields(pmdaemon, balanced):
     port, _ = balanced
     listeners = pmdaemon.json("lb", "status")
@@ -380,7 +361,6 @@ def test_lb_status_json_fields(pmdaemon, balanced):
                10, message="both backends up")
 
 
-@_needs("lb_backends")
 def test_lb_backends_json_fields(pmdaemon, balanced):
     _, base = balanced
     backends = pmdaemon.json("lb", "backends")
@@ -391,7 +371,6 @@ def test_lb_backends_json_fields(pmdaemon, balanced):
         assert isinstance(row["weight"], int) and isinstance(row["active"], int)
 
 
-@_needs("lb_stats")
 def test_lb_stats_json_fields(pmdaemon, balanced):
     stats = pmdaemon.json("lb", "stats")
     assert {"requests", "responses", "errors", "latency_ms"} <= set(stats)
@@ -399,7 +378,6 @@ def test_lb_stats_json_fields(pmdaemon, balanced):
     assert {"p50", "p95", "p99"} <= set(stats["latency_ms"])
 
 
-@_needs("lb_health_check_test")
 def test_lb_health_check_test_exit_status_follows_the_checks(pmdaemon, balanced):
     result = pmdaemon("lb", "health-check", "--test", "--json")
     assert result.returncode == 0, result.stderr
@@ -409,7 +387,6 @@ def test_lb_health_check_test_exit_status_follows_the_checks(pmdaemon, balanced)
     assert failing.returncode == 1 and "failed" in failing.stderr
 
 
-@_needs("lb_metrics", "lb_metrics_samples")
 def test_lb_metrics_text_and_json(pmdaemon, balanced):
     text = pmdaemon("lb", "metrics", "--detailed")
     assert text.returncode == 0 and "# TYPE" in text.stdout
@@ -417,7 +394,6 @@ def test_lb_metrics_text_and_json(pmdaemon, balanced):
     assert samples and all({"name", "labels", "value"} <= set(sample) for sample in samples)
 
 
-@_needs("lb_export")
 def test_lb_export_nginx_and_haproxy(pmdaemon, balanced):
     _, base = balanced
     nginx = pmdaemon("lb", "export", "nginx")
