@@ -57,6 +57,7 @@ class Seat:
     backend_id: int  # BackendView.index: what the loop's gauges count by
     check: HealthCheckConfig | None  # the backend's effective active check
     instance: str | None = None  # the managed instance serving there (None: an external backend)
+    probe: pykka.ActorRef | None = None  # the listener's HealthProbe (why a check fails)
 
     def row(self) -> dict:
         """The Listener's row for this backend (process, healthy, draining, health_error...)."""
@@ -219,8 +220,12 @@ def _ready(instance: Instance, seats: Sequence[Seat]) -> bool:
 
 
 def _last_error(seats: Sequence[Seat]) -> str:
-    errors = [row["health_error"] for row in (seat.row() for seat in seats) if row["health_error"]]
-    return f" (last check: {errors[0]})" if errors else ""
+    for seat in seats:
+        if seat.probe is not None:
+            error = seat.probe.proxy().status().get(timeout=ASK_TIMEOUT)[seat.position]["last_error"]
+            if error:
+                return f" (last check: {error})"
+    return ""
 
 
 def port_accepts(port: int, host: str = "127.0.0.1") -> bool:

@@ -546,7 +546,7 @@ class Runtime:
     def _seat(unit: _ListenerUnit, position: int) -> Seat:
         backend = unit.config.backends[position]
         return Seat(unit.config.index, unit.listener, position, unit.ids[position], backend.health_check,
-                    backend.instance)
+                    backend.instance, unit.probe)
 
     def _rollout(self) -> Rollout:
         return Rollout(self.supervisor, self._seats, lambda listener, backend: self._fanout.active.get((listener, backend), 0),
