@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -268,11 +269,19 @@ def smtp():
 # ---------------------------------------------------------------- one daemon for the read-only commands
 
 
+@dataclass
+class Stack:
+    pmdaemon: PmdaemonRunner
+    port: int  # the listener's
+    base: int  # web-0's port; web-1 listens on base + 1
+    metrics_port: int
+    statsd: StatsdSocket
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """One daemon with two instances, a listener, a Prometheus endpoint and alert rules that never fire.
-
-    Yields (runner, listener port, app base port, metrics port)."""
+    """One daemon with two instances, a listener with `connection_counts` switched off, a Prometheus
+    endpoint, statsd export and alert rules that never fire."""
     directory = tmp_path_factory.mktemp("obs")
     home = directory / "home"
     assert len(str(home / "run" / "control.sock")) < 100
@@ -289,15 +298,19 @@ def stack(tmp_path_factory):
         "smtp": {"host": "127.0.0.1", "port": 2525, "from": "lb@example.test", "username": "alerts",
                  "password_env": "PMDAEMON_TEST_SMTP_PASSWORD"},
     }
-    config = write_config(directory, stack_config(app_script, base, port, metrics_port=metrics_port, alerts=alerts))
+    statsd = StatsdSocket()
+    data = stack_config(app_script, base, port, metrics_port=metrics_port, statsd_port=statsd.port, alerts=alerts)
+    data["load_balancer"]["monitoring"]["metrics"] = {"connection_counts": False}
+    config = write_config(directory, data)
     daemon = start_foreground(home, config, directory / "daemon.log", env={"PMDAEMON_TEST_SMTP_PASSWORD": SMTP_PASSWORD})
     runner = PmdaemonRunner(home)
     try:
         wait_backends_up(runner, port)
-        yield runner, port, base, metrics_port
+        yield Stack(runner, port, base, metrics_port, statsd)
     finally:
         daemon.stop()
         runner.cleanup()
+        statsd.close()
 
 
 def run_ok(pmdaemon, *args: str) -> subprocess.CompletedProcess:
@@ -307,7 +320,7 @@ def run_ok(pmdaemon, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_lb_status_and_backends_have_the_cli_md_fields(stack):
-    pmdaemon, port, base, _ = stack
+    pmdaemon, port, base = stack.pmdaemon, stack.port, stack.base
     run_ok(pmdaemon, "lb", "status")
     [listener] = [row for row in pmdaemon.json("lb", "status") if row["port"] == port]
     assert (listener["type"], listener["strategy"]) == ("http", "round_robin")
@@ -322,7 +335,7 @@ def test_lb_status_and_backends_have_the_cli_md_fields(stack):
 
 
 def test_lb_health_and_health_check_test(stack):
-    pmdaemon, _, base, _ = stack
+    pmdaemon, base = stack.pmdaemon, stack.base
     run_ok(pmdaemon, "lb", "health")
     rows = pmdaemon.json("lb", "health")
     assert sorted(row["backend"] for row in rows) == [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"]
@@ -336,7 +349,7 @@ def test_lb_health_and_health_check_test(stack):
 
 
 def test_lb_stats_and_traffic_count_what_was_sent(stack):
-    pmdaemon, port, base, _ = stack
+    pmdaemon, port, base = stack.pmdaemon, stack.port, stack.base
     before = listener_stats(pmdaemon, port)
     assert send(port, count=4) == [200] * 4
     wait_until(lambda: listener_stats(pmdaemon, port)["requests"] == before["requests"] + 4, 10,
@@ -358,7 +371,7 @@ def test_lb_stats_and_traffic_count_what_was_sent(stack):
 
 
 def test_lb_monitor_count_2_prints_two_frames(stack):
-    pmdaemon, port, _, _ = stack
+    pmdaemon, port = stack.pmdaemon, stack.port
     text = run_ok(pmdaemon, "lb", "monitor", "--interval=0.2", "--count=2").stdout
     assert text.count("pmdaemon lb monitor") == 2
     assert str(port) in text and "\x1b" not in text
@@ -372,7 +385,7 @@ def test_lb_monitor_count_2_prints_two_frames(stack):
 
 
 def test_lb_metrics_text_detailed_and_json_agree(stack):
-    pmdaemon, port, base, metrics_port = stack
+    pmdaemon, port, base, metrics_port = stack.pmdaemon, stack.port, stack.base, stack.metrics_port
     send(port, count=2)
     plain = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
     listener = str(port)
@@ -392,13 +405,17 @@ def test_lb_metrics_text_detailed_and_json_agree(stack):
     detailed_json = pmdaemon.json("lb", "metrics", "--detailed")
     assert "pmdaemon_backend_requests_total" in {sample["name"] for sample in detailed_json}
 
-    # The same series as the endpoint: no traffic moves between the two reads.
-    assert set(samples(scrape(metrics_port))) - set(plain) <= {
-        key for key in samples(scrape(metrics_port)) if key[0].startswith("pmdaemon_instance_")}
+    # --json and the endpoint carry the same series as the text (instance usage may arrive in between).
+    def keys(parsed) -> set:
+        return {key for key in parsed if not key[0].startswith("pmdaemon_instance_")}
+    assert keys({(s["name"], tuple(sorted(s["labels"].items()))): s["value"] for s in as_json}) == keys(plain)
+    assert keys(samples(scrape(metrics_port))) == keys(plain)
+    # `connection_counts: false` switches its family off, everywhere.
+    assert not series(plain, "pmdaemon_active_connections") and not series(detailed, "pmdaemon_backend_active_requests")
 
 
 def test_lb_drain_and_enable(stack):
-    pmdaemon, port, base, _ = stack
+    pmdaemon, port, base = stack.pmdaemon, stack.port, stack.base
     drained = pmdaemon.json("lb", "drain", "web-1")
     assert [(row["address"], row["state"]) for row in drained["backends"]] == [(f"127.0.0.1:{base + 1}", "draining")]
     try:
@@ -420,16 +437,19 @@ def test_lb_drain_and_enable(stack):
 
 
 def test_lb_export_nginx_and_haproxy(stack):
-    pmdaemon, port, base, _ = stack
+    pmdaemon, port, base = stack.pmdaemon, stack.port, stack.base
     nginx = run_ok(pmdaemon, "lb", "export", "nginx").stdout
     assert "upstream" in nginx and f"127.0.0.1:{base}" in nginx and f"127.0.0.1:{base + 1}" in nginx
     haproxy = run_ok(pmdaemon, "lb", "export", "haproxy").stdout
     assert "backend" in haproxy and f"127.0.0.1:{base + 1}" in haproxy
-    assert pmdaemon.json("lb", "export", "haproxy") == {"format": "haproxy", "config": haproxy}
+    exported = pmdaemon.json("lb", "export", "haproxy")
+    assert exported["format"] == "haproxy"
+    # The header names the time of generation; the rest is the same document.
+    assert exported["config"].splitlines()[1:] == haproxy.splitlines()[1:]
 
 
 def test_lb_config_shows_units_and_no_secrets(stack):
-    pmdaemon, port, _, metrics_port = stack
+    pmdaemon, port, metrics_port = stack.pmdaemon, stack.port, stack.metrics_port
     text = run_ok(pmdaemon, "lb", "config").stdout
     as_json = run_ok(pmdaemon, "lb", "config", "--json").stdout
     for output in (text, as_json):
@@ -450,7 +470,7 @@ def test_lb_config_shows_units_and_no_secrets(stack):
 
 
 def test_instance_cpu_and_memory_series_for_metrics_collection_apps(stack):
-    pmdaemon, _, _, metrics_port = stack
+    pmdaemon, metrics_port = stack.pmdaemon, stack.metrics_port
 
     def usage():
         parsed = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
@@ -468,6 +488,12 @@ def test_instance_cpu_and_memory_series_for_metrics_collection_apps(stack):
     assert set(scraped) == set(memory)
     as_json = [s for s in pmdaemon.json("lb", "metrics") if s["name"] == "pmdaemon_instance_cpu_percent"]
     assert sorted(s["labels"]["instance"] for s in as_json) == ["web-0", "web-1"]
+
+    def statsd_usage():  # statsd flushes every 10 s from the daemon's start
+        stack.statsd.read(0.5)
+        return all(any(re.fullmatch(rf"pmdaemon\.instance_memory_bytes\.{name}:\d+\|g", line) for line in stack.statsd.lines)
+                   for name in ("web-0", "web-1"))
+    wait_until(statsd_usage, 15, interval=0, message="instance memory gauges over statsd")
 
 
 # ---------------------------------------------------------------- tests with a daemon of their own
@@ -568,6 +594,8 @@ def test_alerts_fire_when_instances_stop_and_resolve_after_restart(foreground_da
              "url": webhooks.url("/alert")},
             {"name": "pool_degraded_mail", "condition": "healthy_backends < 2", "duration": "1s",
              "action": "email", "recipients": ["ops@example.test"]},
+            {"name": "errors", "condition": "error_rate > 20%", "duration": "1s", "action": "webhook",
+             "url": webhooks.url("/errors")},
         ],
         "smtp": {"host": "127.0.0.1", "port": smtp_port, "from": "lb@example.test", "username": "alerts",
                  "password_env": "PMDAEMON_TEST_SMTP_PASSWORD"},
@@ -598,6 +626,7 @@ def test_alerts_fire_when_instances_stop_and_resolve_after_restart(foreground_da
     assert payload["rule"] == "pool_degraded_mail" and payload["listener"] == port
     assert f"FIRING pool_degraded_mail on http:{port}" in envelope.content.decode()
     assert mailbox.logins and set(mailbox.logins) == {(b"alerts", SMTP_PASSWORD.encode())}
+    assert pmdaemon("lb", "health-check", "--test").returncode == 1
     wait_until(lambda: not instance_series(pmdaemon), 15, interval=0.5,
                message="the stopped instances' cpu/memory series to go")
 
@@ -608,6 +637,14 @@ def test_alerts_fire_when_instances_stop_and_resolve_after_restart(foreground_da
     assert iso_seconds(resolved["since"]) >= restarted_at
     assert (resolved["value"], resolved["threshold"], resolved["listener"]) == (2, 2, port)
     assert resolved["condition"] == "healthy_backends < 2"
+
+    # error_rate counts the service's failures over the last minute: 10 of 10, then 10 of 100.
+    assert send(port, "/status/500", count=10) == [500] * 10
+    firing = webhooks.wait_for(lambda body: body["rule"] == "errors" and body["state"] == "firing", 15)
+    assert (firing["condition"], firing["value"], firing["threshold"]) == ("error_rate > 20%", 100, 20)
+    assert send(port, count=90) == [200] * 90
+    resolved = webhooks.wait_for(lambda body: body["rule"] == "errors" and body["state"] == "resolved", 15)
+    assert 10 <= resolved["value"] <= 20  # evaluated every second: it resolves on the way down to 10 %
 
 
 @pytest.mark.timeout(90)
@@ -649,3 +686,12 @@ def test_counters_never_go_down_across_reload_config(foreground_daemon, pmdaemon
         scraper.join(10)
     assert scraped and scraped == sorted(scraped) and scraped[0] == 20, scraped
     prometheus_matches_stats(samples(scrape(metrics_port)), row)
+
+    # A reload that moves the endpoint: the new port serves the same counters, the old one is closed.
+    moved_port = free_port()
+    config["load_balancer"]["monitoring"]["export"]["prometheus"]["port"] = moved_port
+    result = pmdaemon("reload", f"--config={write_config(tmp_path, config, 'moved.json')}")
+    assert result.returncode == 0, result.stderr
+    prometheus_matches_stats(samples(scrape(moved_port)), listener_stats(pmdaemon, port))
+    with pytest.raises(ConnectionRefusedError):
+        scrape(metrics_port)
