@@ -414,6 +414,16 @@ def test_lb_metrics_text_detailed_and_json_agree(stack):
     assert not series(plain, "pmdaemon_active_connections") and not series(detailed, "pmdaemon_backend_active_requests")
 
 
+def test_promtool_accepts_the_exposition(stack):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (prometheus_client's parser checks the format in the other tests)")
+    send(stack.port, count=3)
+    for text in (scrape(stack.metrics_port), scrape(stack.metrics_port, "/metrics?detailed=1")):
+        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
 def test_lb_drain_and_enable(stack):
     pmdaemon, port, base = stack.pmdaemon, stack.port, stack.base
     drained = pmdaemon.json("lb", "drain", "web-1")
@@ -553,11 +563,6 @@ def test_stats_prometheus_and_statsd_count_exactly_the_requests_sent(foreground_
     per_backend = series(detailed, "pmdaemon_backend_requests_total", listener=str(port))
     assert sum(per_backend.values()) == 42
 
-    promtool = shutil.which("promtool")
-    if promtool:  # not installed here; the parser above is the check that always runs
-        check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
-        assert check.returncode == 0, check.stderr
-
     # statsd flushes every 10 s; counters go out as increases, so their sum is the total.
     prefix = f"pmdaemon.{port}."
 
@@ -646,6 +651,9 @@ def test_alerts_fire_when_instances_stop_and_resolve_after_restart(foreground_da
     resolved = webhooks.wait_for(lambda body: body["rule"] == "errors" and body["state"] == "resolved", 15)
     assert 10 <= resolved["value"] <= 20  # evaluated every second: it resolves on the way down to 10 %
 
+    logs = [path for path in [*tmp_path.glob("foreground-*.log"), *pmdaemon.home.rglob("*.log")] if path.is_file()]
+    assert logs and not [path for path in logs if SMTP_PASSWORD in path.read_text(errors="replace")]
+
 
 @pytest.mark.timeout(90)
 def test_counters_never_go_down_across_reload_config(foreground_daemon, pmdaemon, tmp_path, app_script):
@@ -695,3 +703,46 @@ def test_counters_never_go_down_across_reload_config(foreground_daemon, pmdaemon
     prometheus_matches_stats(samples(scrape(moved_port)), listener_stats(pmdaemon, port))
     with pytest.raises(ConnectionRefusedError):
         scrape(metrics_port)
+
+
+def per_backend(pmdaemon, port: int) -> dict[str, float]:
+    """Requests each backend served, by instance, from `lb metrics --detailed --json`."""
+    counts: dict[str, float] = {}
+    for sample in pmdaemon.json("lb", "metrics", "--detailed"):
+        if sample["name"] == "pmdaemon_backend_requests_total" and sample["labels"]["listener"] == str(port):
+            instance = sample["labels"]["instance"]
+            counts[instance] = counts.get(instance, 0) + sample["value"]
+    return counts
+
+
+@pytest.mark.timeout(90)
+def test_per_backend_counters_follow_their_backend_across_reload_and_scale(foreground_daemon, pmdaemon, tmp_path,
+                                                                          app_script):
+    base, port = free_port_range(3), free_port()
+    config = stack_config(app_script, base, port)
+    foreground_daemon(write_config(tmp_path, config))
+    wait_backends_up(pmdaemon, port)
+    assert send(port, count=20) == [200] * 20
+    wait_requests(pmdaemon, port, 20)
+    assert per_backend(pmdaemon, port) == {"web-0": 10, "web-1": 10}
+
+    config["apps"][0]["instances"] = 3
+    result = pmdaemon("reload", f"--config={write_config(tmp_path, config, 'three.json')}")
+    if result.returncode == 1 and "not available in this build" in result.stderr:
+        pytest.skip("reload --config is not in this build yet")
+    assert result.returncode == 0, result.stderr
+    wait_backends_up(pmdaemon, port, count=3)
+    assert send(port, count=30) == [200] * 30
+    wait_requests(pmdaemon, port, 50)
+    assert per_backend(pmdaemon, port) == {"web-0": 20, "web-1": 20, "web-2": 10}
+    traffic = {row["instance"]: row["requests_total"] for row in pmdaemon.json("lb", "traffic")}
+    assert traffic == {"web-0": 20, "web-1": 20, "web-2": 10}
+
+    result = pmdaemon("scale", "web", "2")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: [r["backends_total"] for r in pmdaemon.json("lb", "status")] == [2], 15,
+               message="the pool to follow the scale down")
+    assert send(port, count=20) == [200] * 20
+    row = wait_requests(pmdaemon, port, 70)
+    assert per_backend(pmdaemon, port) == {"web-0": 30, "web-1": 30}
+    assert row["responses"]["2xx"] == 70
