@@ -192,3 +192,22 @@ def test_a_failing_handler_costs_one_connection_not_the_loop(backends, lb, caplo
     resp, body = get(conn, "/fine")
     assert resp.status == 200 and body == b"a GET /fine"
     assert "strategy bug" in caplog.text
+
+
+def test_client_that_stops_reading_is_dropped_at_the_write_timeout(backends, lb):
+    (a,) = backends(1)
+    proxy = lb([a], timeouts=Timeouts(write=0.3))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", proxy.port))
+    try:
+        sock.sendall(b"GET /big/20000000 HTTP/1.1\r\nHost: x\r\n\r\n")  # and never read
+        deadline = time.monotonic() + 5
+        outcomes = []
+        while time.monotonic() < deadline and not outcomes:
+            outcomes = proxy.outcomes(wait=0.1)
+        [outcome] = outcomes
+        assert (outcome.status, outcome.error, outcome.lb_made) == (200, "timeout", False)
+        assert outcome.bytes_out < 20000000
+    finally:
+        sock.close()
