@@ -397,7 +397,10 @@ class Runtime:
             self._bind([new for _, new in plan.rebound], paths, retry_for=2.0)
             self._start_metrics(plan.listeners)
             for old, new in plan.kept:
-                fresh[new.index] = self._swap_unit(fresh[old.index], new)
+                if new == old:
+                    self._loop.replace_listener(new)  # nothing changed but its certificates may have
+                else:
+                    fresh[new.index] = self._swap_unit(fresh[old.index], new)
             for new in [*plan.added, *(new for _, new in plan.rebound)]:
                 fresh[new.index] = self._start_unit(new)
             self._fanout.units = fresh
@@ -441,7 +444,7 @@ class Runtime:
         try:
             ListenerTls.build(listener)
             self._strategy_factory(listener)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:  # unreadable TLS files, geo_database...
             raise ConfigError(where, str(exc)) from None
 
     def _swap_unit(self, unit: _ListenerUnit, config: ListenerConfig) -> _ListenerUnit:
