@@ -33,7 +33,8 @@ on) choose which of its families are exported; `detailed` adds the per-backend a
   connection_counts
     pmdaemon_active_connections{listener}              gauge    open client connections
     detailed: pmdaemon_backend_active_requests{listener,backend,instance}  gauge  in flight
-  (always, for the instances someone reports usage of)
+  (whatever the switches, for the running instances of apps with `monitoring.metrics_collection`,
+   sampled by the supervisor every 5 s: actors/supervisor.py InstanceUsage)
     pmdaemon_instance_cpu_percent{instance}            gauge
     pmdaemon_instance_memory_bytes{instance}           gauge    resident set size
 
