@@ -23,7 +23,8 @@
 #
 # Knobs (env): DUR=5 RUNS=3 CONNS="64 8" (main run; anchors.sh's own knobs such as QUIET, PIN,
 #   REDIS_N pass through), VDUR=5 VRUNS=3 VCONNS=64 VROUNDS=1 VONLY (variants), SCRAPE_EVERY=5,
-#   RESULTS=bench/results/<UTC date-time> (tables are copied there; raw logs stay under /tmp),
+#   RESULTS=bench/results/<UTC date-time> (tables are copied there; raw logs of every anchors.sh
+#   run stay in /tmp/pmdaemon-bench-*/, printed at the end),
 #   PORT_WAIT=600 (seconds to wait for another run of anchors.sh to free ports 3000/8080/...).
 set -u
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel); BENCH=$ROOT/bench
@@ -37,7 +38,7 @@ TMP=$(mktemp -d /tmp/pmdaemon-bench-XXXXXX)
 command -v pmdaemon >/dev/null || { echo "pmdaemon not on PATH: pip install -e $ROOT"; exit 1; }
 mkdir -p "$RESULTS"; MODES=("$@"); [ ${#MODES[@]} -gt 0 ] || MODES=(http variants tls idle startup)
 SCRAPER=
-cleanup() { [ -n "$SCRAPER" ] && kill "$SCRAPER" 2>/dev/null; rm -rf "$TMP"; }
+cleanup() { [ -n "$SCRAPER" ] && kill "$SCRAPER" 2>/dev/null; rm -rf "$TMP"/home-*; }
 trap cleanup EXIT; trap 'exit 130' INT TERM
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -115,4 +116,4 @@ for mode in "${MODES[@]}"; do
     *) echo "unknown mode $mode (http variants tls idle startup profile)"; exit 2 ;;
   esac
 done
-echo "tables: $RESULTS"
+echo "tables: $RESULTS  raw logs: $TMP"
