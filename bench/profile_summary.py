@@ -5,7 +5,7 @@
 Each raw line is "thread;frame;frame;... COUNT" with frames "function (file:line)", outermost
 first. Prints samples per thread, then per function (file:function, lines merged) its self share
 (leaf frame) and inclusive share (anywhere on the stack, counted once per sample), as percentages
-of all non-idle samples.
+of all non-idle samples; then the self shares within the busiest thread alone.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20)
     options = parser.parse_args()
     threads, self_time, inclusive = collections.Counter(), collections.Counter(), collections.Counter()
+    self_by_thread: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     total = 0
     for line in open(options.profile):
         stack, _, count = line.rstrip("\n").rpartition(" ")
@@ -44,6 +45,7 @@ def main() -> None:
         if frames:
             names = [frame_name(f) for f in frames]
             self_time[names[-1]] += n
+            self_by_thread[thread][names[-1]] += n
             for name in set(names):
                 inclusive[name] += n
     if not total:
@@ -56,6 +58,10 @@ def main() -> None:
         print(f"\n| function — {title} | share |\n|---|---:|")
         for name, n in counter.most_common(options.top):
             print(f"| `{name}` | {100 * n / total:.1f}% |")
+    busiest, busy = threads.most_common(1)[0]
+    print(f"\n| function — self, within {busiest} ({busy} samples) | share of that thread |\n|---|---:|")
+    for name, n in self_by_thread[busiest].most_common(options.top):
+        print(f"| `{name}` | {100 * n / busy:.1f}% |")
 
 
 if __name__ == "__main__":

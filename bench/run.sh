@@ -95,14 +95,19 @@ run_variants() {
   python3 "$BENCH/variants_summary.py" "$TMP/variants.list" | tee "$RESULTS/variants.md"
 }
 
-run_profile() { # py-spy samples the daemon (started by anchors.sh) from 5 s after it starts, i.e. through the wrk -c64 run
-  local secs=${PROFILE_SECONDS:-8} out=$TMP/anchors-profile raw=$TMP/profile.raw home
+run_profile() { # two py-spy samplers (all non-idle threads; GIL holders only) on the daemon started by
+  # anchors.sh, from 5 s after it starts, i.e. through its wrk -c64 run; py-spy runs on CPU 1, not the LB's
+  local secs=${PROFILE_SECONDS:-8} out=$TMP/anchors-profile raw=$TMP/profile home
   echo "== py-spy profile of the daemon under wrk -c64 ($secs s)"; wait_ports || return 1
   home=$(mktemp -d "$TMP/home-XXXX")
   OUT=$out DUR=12 RUNS=1 CONNS=64 TCP=0 ONLY='ours$' LB_PORT=8080 LB_CMD="PMDAEMON_HOME=$home \
-    pmdaemon start $BENCH/anchors-http.json --no-daemon & d=\$!; sleep 5; py-spy record --pid \$d -d $secs \
-    -r 250 -f raw --threads -o $raw --nonblocking >/dev/null 2>&1; wait \$d" bash "$ANCHORS" >/dev/null
-  python3 "$BENCH/profile_summary.py" "$raw" | tee "$RESULTS/profile.md"
+    pmdaemon start $BENCH/anchors-http.json --no-daemon & d=\$!; sleep 5
+    for g in all gil; do taskset -c 1 py-spy record --pid \$d -d $secs -r 250 -f raw --threads --nonblocking \
+      \$([ \$g = gil ] && echo --gil) -o $raw.\$g >/dev/null 2>&1 & done; wait \$d" bash "$ANCHORS" >/dev/null
+  { echo "### all non-idle samples (a thread waiting for the GIL counts as busy)"; echo
+    python3 "$BENCH/profile_summary.py" "$raw.all"; echo
+    echo "### samples of the thread holding the GIL (py-spy --gil: where the CPU goes)"; echo
+    python3 "$BENCH/profile_summary.py" "$raw.gil"; } | tee "$RESULTS/profile.md"
 }
 
 for mode in "${MODES[@]}"; do
