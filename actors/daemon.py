@@ -290,16 +290,9 @@ def _is_config_error(exc: Exception) -> bool:
 # The daemon
 
 
-# cmd -> Runtime method for the read-only and drain commands that pass straight through.
-_RUNTIME_PASSTHROUGH = {
-    "lb_status": "lb_status",
-    "lb_health": "lb_health",
-    "lb_health_check_test": "lb_health_check_test",
-    "lb_stats": "lb_stats",
-    "lb_backends": "lb_backends",
-    "lb_traffic": "lb_traffic",
-    "lb_config": "lb_config",
-}
+# Commands answered by the Runtime method of the same name, with no arguments.
+_RUNTIME_PASSTHROUGH = frozenset({"lb_status", "lb_health", "lb_health_check_test", "lb_stats", "lb_backends",
+                                  "lb_traffic", "lb_config"})
 
 
 # Runtime method -> the CLI command that needs it, for "not available in this build" answers.
@@ -429,7 +422,7 @@ class Daemon:
         if method is not None:
             return method(args), None
         if cmd in _RUNTIME_PASSTHROUGH:
-            return self._runtime_call(_RUNTIME_PASSTHROUGH[cmd]), None
+            return self._runtime_call(cmd), None
         raise ProtocolError(f"unknown command {cmd!r}; this daemon speaks protocol v1 "
                             f"(see `pmdaemon --help` for the commands)")
 
