@@ -277,3 +277,29 @@ def test_tls_both_sides(tls_backend, balancer, tls_files):
                   backend_tls=BackendTls(ca_file=str(tls_backend.files.ca_file)))
     status, _headers, body = get(https(lb.port, tls_files), "/both")
     assert status == 200 and body.startswith(b"tls backend saw /both")
+
+
+@pytest.mark.timeout(60)
+def test_https_listener_through_the_runtime(tmp_path, app_script):
+    """The ssl-termination shape: app instances supervised, HTTPS listener from a parsed config."""
+    from actors.runtime import Runtime
+    from conftest import free_port, free_port_range, http_app_config, wait_until
+    from net.configfile import parse_config
+
+    files = TlsFiles(tmp_path)
+    lb_port = free_port()
+    data = {"apps": [http_app_config(app_script, "web", 2, free_port_range(2))],
+            "load_balancer": {"host": "127.0.0.1", "port": lb_port, "apps": ["web"],
+                              "ssl": {"enabled": True, "cert_file": str(files.cert_file),
+                                      "key_file": str(files.key_file), "protocols": ["TLSv1.2", "TLSv1.3"]}}}
+    runtime = Runtime(tmp_path / "home")
+    try:
+        runtime.apply(parse_config(data, str(tmp_path / "pmdaemon.json")))
+        wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], timeout=20,
+                   message="both backends up")
+        conn = https(lb_port, files)
+        bodies = {get(conn, "/")[2] for _ in range(4)}
+        assert len(bodies) == 2  # round robin over both instances, per request on one TLS connection
+        conn.close()
+    finally:
+        runtime.shutdown()
