@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import (CLI, REPO, ForegroundDaemon, PmdaemonRunner, free_port, free_port_range, http_app_config,
-                      kill_tree, wait_until, write_config)
+                      wait_until, write_config)
 
 SMTP_PASSWORD = "observability-secret-8c1f"  # only ever in the daemon's environment
 APP_SECRET = "token-value-3e57"  # an app env value whose name looks secret
@@ -185,11 +185,25 @@ def start_foreground(home: Path, config: Path, log: Path, env: dict | None = Non
     return daemon
 
 
+def control(pmdaemon, command: str, **args):
+    """Ask the daemon directly, for polling: the same answer the CLI prints with --json, without a
+    Python start-up per poll (the assertions that matter go through the CLI)."""
+    from net.control import ControlClient
+
+    return ControlClient(pmdaemon.home, timeout=10).call(command, args or None)
+
+
+def instance_series(pmdaemon) -> set[str]:
+    return {s["labels"]["instance"] for s in control(pmdaemon, "lb_metrics", samples=True)
+            if s["name"] == "pmdaemon_instance_memory_bytes"}
+
+
 def wait_backends_up(pmdaemon, port: int, count: int = 2, timeout: float = 20) -> None:
     def up():
-        rows = [row for row in pmdaemon.json("lb", "status") if row["port"] == port]
+        rows = [row for row in control(pmdaemon, "lb_status") if row["port"] == port]
         return rows and rows[0]["backends_up"] == count
     wait_until(up, timeout, interval=0.1, message=f"{count} backends up on :{port}")
+    assert [row["backends_up"] for row in pmdaemon.json("lb", "status") if row["port"] == port] == [count]
 
 
 def send(port: int, path: str = "/", count: int = 1) -> list[int]:
@@ -237,6 +251,18 @@ def series(parsed: dict, name: str, **labels: str) -> dict[tuple, float]:
 def listener_stats(pmdaemon, port: int) -> dict:
     stats = pmdaemon.json("lb", "stats")
     return next(row for row in stats["listeners"] if row["port"] == port)
+
+
+def wait_requests(pmdaemon, port: int, expected: int, timeout: float = 10) -> dict:
+    """The listener's `lb stats` row once it counts `expected` requests (fails if it counts more)."""
+    def counted():
+        row = next(row for row in control(pmdaemon, "lb_stats")["listeners"] if row["port"] == port)
+        assert row["requests"] <= expected, f"lb stats counts {row['requests']} requests, {expected} were sent"
+        return row["requests"] == expected
+    wait_until(counted, timeout, interval=0.05, message=f"lb stats to count {expected} requests")
+    row = listener_stats(pmdaemon, port)
+    assert row["requests"] == expected
+    return row
 
 
 @pytest.fixture
@@ -370,6 +396,30 @@ def test_lb_stats_and_traffic_count_what_was_sent(stack):
     assert round(sum(row["share_total"] for row in rows)) == 100
 
 
+def test_keep_alive_requests_count_one_by_one_and_slow_ones_show_in_the_latency(stack):
+    pmdaemon, port = stack.pmdaemon, stack.port
+    before = listener_stats(pmdaemon, port)["requests"]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for _ in range(10):
+            conn.request("GET", "/")
+            assert conn.getresponse().read().startswith(b"instance")
+        wait_requests(pmdaemon, port, before + 10)
+        assert listener_stats(pmdaemon, port)["active_connections"] == 1
+    finally:
+        conn.close()
+    wait_until(lambda: control(pmdaemon, "lb_stats")["active_connections"] == 0, 10,
+               message="the closed connection to leave the gauge")
+
+    assert send(port, "/slow?ms=150", count=5) == [200] * 5
+    row = wait_requests(pmdaemon, port, before + 15)
+    assert row["latency_ms"]["p99"] >= 150  # a lower bound the backend guarantees, not a speed claim
+    parsed = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
+    buckets = series(parsed, "pmdaemon_response_time_seconds_bucket", listener=str(port))
+    under_100ms = next(v for k, v in buckets.items() if dict(k[1])["le"] == "0.1")
+    assert row["requests"] - under_100ms >= 5
+
+
 def test_lb_monitor_count_2_prints_two_frames(stack):
     pmdaemon, port = stack.pmdaemon, stack.port
     text = run_ok(pmdaemon, "lb", "monitor", "--interval=0.2", "--count=2").stdout
@@ -449,9 +499,10 @@ def test_lb_drain_and_enable(stack):
 def test_lb_export_nginx_and_haproxy(stack):
     pmdaemon, port, base = stack.pmdaemon, stack.port, stack.base
     nginx = run_ok(pmdaemon, "lb", "export", "nginx").stdout
-    assert "upstream" in nginx and f"127.0.0.1:{base}" in nginx and f"127.0.0.1:{base + 1}" in nginx
+    assert "upstream" in nginx and f"listen 127.0.0.1:{port};" in nginx
+    assert f"server 127.0.0.1:{base}" in nginx and f"server 127.0.0.1:{base + 1}" in nginx
     haproxy = run_ok(pmdaemon, "lb", "export", "haproxy").stdout
-    assert "backend" in haproxy and f"127.0.0.1:{base + 1}" in haproxy
+    assert f"bind 127.0.0.1:{port}" in haproxy and f"127.0.0.1:{base + 1}" in haproxy
     exported = pmdaemon.json("lb", "export", "haproxy")
     assert exported["format"] == "haproxy"
     # The header names the time of generation; the rest is the same document.
@@ -482,13 +533,11 @@ def test_lb_config_shows_units_and_no_secrets(stack):
 def test_instance_cpu_and_memory_series_for_metrics_collection_apps(stack):
     pmdaemon, metrics_port = stack.pmdaemon, stack.metrics_port
 
-    def usage():
-        parsed = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
-        memory = series(parsed, "pmdaemon_instance_memory_bytes")
-        cpu = series(parsed, "pmdaemon_instance_cpu_percent")
-        return (memory, cpu) if len(memory) == 2 and len(cpu) == 2 else None
-
-    memory, cpu = wait_until(usage, 15, interval=0.5, message="instance cpu and memory series")
+    wait_until(lambda: instance_series(pmdaemon) == {"web-0", "web-1"}, 15, interval=0.2,
+               message="instance cpu and memory series")
+    parsed = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
+    memory = series(parsed, "pmdaemon_instance_memory_bytes")
+    cpu = series(parsed, "pmdaemon_instance_cpu_percent")
     assert {dict(key[1])["instance"] for key in memory} == {"web-0", "web-1"}
     assert all(value > 1024 * 1024 for value in memory.values())  # a Python process is over 1 MiB resident
     assert all(value >= 0 for value in cpu.values())
@@ -509,13 +558,6 @@ def test_instance_cpu_and_memory_series_for_metrics_collection_apps(stack):
 # ---------------------------------------------------------------- tests with a daemon of their own
 
 
-def wait_requests(pmdaemon, port: int, expected: int, timeout: float = 10) -> dict:
-    """The listener's `lb stats` row once it counts `expected` requests (fails if it counts more)."""
-    def counted():
-        row = listener_stats(pmdaemon, port)
-        assert row["requests"] <= expected, f"lb stats counts {row['requests']} requests, {expected} were sent"
-        return row if row["requests"] == expected else None
-    return wait_until(counted, timeout, interval=0.1, message=f"lb stats to count {expected} requests")
 
 
 def prometheus_matches_stats(parsed: dict, row: dict) -> None:
@@ -583,8 +625,6 @@ def iso_seconds(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
 
 
-def instance_series(pmdaemon) -> set[str]:
-    return {s["labels"]["instance"] for s in pmdaemon.json("lb", "metrics") if s["name"] == "pmdaemon_instance_memory_bytes"}
 
 
 @pytest.mark.timeout(90)
