@@ -620,6 +620,15 @@ def test_stats_prometheus_and_statsd_count_exactly_the_requests_sent(foreground_
     assert not any(s["name"].startswith("pmdaemon_instance_") for s in pmdaemon.json("lb", "metrics"))
     assert not any(line.startswith("pmdaemon.instance_") for line in statsd.lines)
 
+    # Responses the load balancer makes itself are counted too, as errors of their kind.
+    assert sorted(pmdaemon.json("stop", "web")["stopped"]) == ["web-0", "web-1"]
+    wait_until(lambda: [r["backends_up"] for r in control(pmdaemon, "lb_status")] == [0], 10,
+               message="the pool to see its instances stop")
+    assert send(port, count=3) == [503] * 3
+    row = wait_requests(pmdaemon, port, 45)
+    assert row["responses"]["5xx"] == 5 and row["errors_by_kind"]["no_backend"] == 3 and row["errors"] == 3
+    prometheus_matches_stats(samples(scrape(metrics_port)), row)
+
 
 def iso_seconds(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
@@ -786,3 +795,28 @@ def test_per_backend_counters_follow_their_backend_across_reload_and_scale(foreg
     row = wait_requests(pmdaemon, port, 70)
     assert per_backend(pmdaemon, port) == {"web-0": 30, "web-1": 30}
     assert row["responses"]["2xx"] == 70
+
+
+@pytest.mark.timeout(60)
+def test_tcp_listener_counts_connections_and_bytes(foreground_daemon, pmdaemon, tmp_path, app_script):
+    base, port, metrics_port = free_port_range(2), free_port(), free_port()
+    config = stack_config(app_script, base, port, metrics_port=metrics_port, type="tcp")
+    del config["load_balancer"]["health_check"]  # a backend is up once its port accepts connections
+    foreground_daemon(write_config(tmp_path, config))
+    wait_backends_up(pmdaemon, port)
+
+    request = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    received = 0
+    for _ in range(6):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(request)
+            while chunk := conn.recv(65536):
+                received += len(chunk)
+    row = wait_requests(pmdaemon, port, 6)
+    assert (row["type"], row["bytes_in"], row["bytes_out"]) == ("tcp", 6 * len(request), received)
+    parsed = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
+    assert series(parsed, "pmdaemon_requests_total", listener=str(port)) == {
+        ("pmdaemon_requests_total", (("code_class", "none"), ("listener", str(port)))): 6}
+    prometheus_matches_stats(samples(scrape(metrics_port)), row)
+    [listener] = pmdaemon.json("lb", "status")
+    assert (listener["type"], listener["backends_up"], listener["backends_total"]) == ("tcp", 2, 2)
