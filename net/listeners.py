@@ -82,7 +82,7 @@ class HttpsListener(HttpListener):
         if sock.pending():
             self.loop.call_soon(conn.on_readable)  # decrypted already: epoll will not report it
 
-    def tls_failed(self, ip: str, why: str) -> None:
+    def tls_failed(self) -> None:
         """A failed or stalled handshake is not a request: nothing to record."""
 
     def stop_accepting(self) -> None:

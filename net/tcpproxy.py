@@ -20,7 +20,8 @@ while a connect is retried.
   is owed to it has been sent; the other direction keeps flowing. The session ends when both
   directions have ended (or on a reset, a stalled write after `timeouts.write`, or idleness).
 - Idle: no byte either way for `timeouts.idle` (and, when `connection_pool` is enabled, for
-  `connection_pool.idle_timeout`: the smaller wins) closes both sides.
+  `connection_pool.idle_timeout`: the smaller wins) closes both sides. A side that stops reading
+  what we owe it for `timeouts.write` closes the session too (`timeouts.read` has no TCP meaning).
 - `connection_pool` (decisions.md section 6, TCP): at most `max_connections` client connections at
   once; at the cap the listener stops accepting (clients wait in the kernel's listen backlog) until
   one closes. `keep_alive` sets SO_KEEPALIVE on both sockets.
@@ -132,7 +133,7 @@ class TcpListener:
             sock.close()
             self.connection_closed()
 
-    def tls_failed(self, ip: str, why: str) -> None:
+    def tls_failed(self) -> None:
         self.connection_closed()
 
     # ---- control plane -------------------------------------------------------------------------

@@ -35,6 +35,7 @@ them again picks up renewed certificates.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import ssl
 
@@ -55,6 +56,7 @@ MOZILLA_INTERMEDIATE_CIPHERS = ":".join((
 ))
 TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 HTTP_ALPN = ("http/1.1",)
+log = logging.getLogger(__name__)
 PLAIN_HTTP_ANSWER = lb_response(400, "this port speaks HTTPS; a plain HTTP request was sent to it "
                                      "(use https://)", False)
 
@@ -168,7 +170,7 @@ class ServerHandshake(Channel):
     `owner` (the listener) provides `loop`, `tls_context`, `handshake_timeout`, `write_timeout`,
     `answers_plain_http` (an HTTP listener answers a plain HTTP request with 400), `handshakes` (a
     set this channel stays in while it runs) and the callbacks `tls_ready(sock, ip)` (the handshake
-    completed: serve `sock`) and `tls_failed(ip, why)` (the connection is closed already)."""
+    completed: serve `sock`) and `tls_failed()` (the connection is closed already)."""
 
     __slots__ = ("owner", "ip", "tls_wants_write")
 
@@ -230,14 +232,12 @@ class ServerHandshake(Channel):
         self.owner.tls_ready(self.sock, self.ip)
 
     def _fail(self, why: str) -> None:
+        log.debug("connection from %s closed: %s", self.ip, why)
         self.close()
-        self.owner.tls_failed(self.ip, why)
+        self.owner.tls_failed()
 
     def on_timeout(self, now: float) -> None:
         self._fail(f"TLS handshake not completed within {self.owner.handshake_timeout:g} s")
-
-    def on_write_timeout(self) -> None:
-        self.on_timeout(self.loop.now)
 
     def on_error(self, exc: OSError) -> None:
         self._fail(f"TLS handshake failed: {exc.strerror or exc}")

@@ -173,6 +173,36 @@ def test_half_close_from_the_backend_side_keeps_the_client_direction(balancer):
         server.close()
 
 
+def test_backpressure_holds_a_fast_backend_to_a_slow_client(balancer):
+    """A client that does not read: the balancer stops reading the backend (bounded memory), so the
+    backend's send blocks; when the client reads, everything arrives intact."""
+    size = 32 * MiB  # well past what loopback socket buffers and the balancer's bound can hold
+    data = payload(size)
+    server = socket.create_server(("127.0.0.1", 0))
+    sent = threading.Event()
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(data)
+            sent.set()
+            conn.shutdown(socket.SHUT_WR)
+            recv_until_closed(conn)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        lb = balancer([server.getsockname()[1]])
+        with connect(lb.port, timeout=20) as sock:
+            time.sleep(0.5)
+            assert not sent.is_set()  # held back: nobody buffers 32 MiB for a client that does not read
+            assert recv_until_closed(sock) == data
+        thread.join(10)
+        assert sent.is_set()
+    finally:
+        server.close()
+
+
 def test_idle_connection_is_closed(echo, balancer):
     lb = balancer(echo.ports, timeouts=Timeouts(idle=0.3))
     with connect(lb.port) as sock:
