@@ -1,11 +1,14 @@
 """CircuitBreaker actor: one `net.breaker.Breaker` per backend of a listener, fed with the loop's outcomes.
 
-It hears outcomes after the fact (batched `BackendOutcomes`), records each backend-made one as a
-success or failure, and tells the Listener actor a `BreakerEvent` whenever a backend's breaker
-changes state. OPEN turns into HALF_OPEN by the passage of time alone, so when a breaker trips the
-actor asks the shared `Timers` for a `Tick` at `reopens_at` and publishes the change then. While a
-backend is HALF_OPEN the loop admits at most `half_open_requests` trial requests at a time
-(`BackendView.half_open_slots`); their outcomes come back here and close or re-open the breaker.
+It hears outcomes after the fact (batched `BackendOutcomes`), records each one that says something
+about its backend as a success or failure (`net.breaker.verdict`: a 502/504 the balancer answered
+because the backend failed counts, a 429 or 503 it made for its own reasons does not), and tells
+the Listener actor a `BreakerEvent` whenever a backend's breaker changes state. OPEN turns into
+HALF_OPEN by the passage of time alone, so when a breaker trips the actor asks the shared `Timers`
+for a `Tick` at `reopens_at` and publishes the change then. While a backend is HALF_OPEN the loop
+admits at most `half_open_requests` trial requests per half-open period
+(`BackendView.half_open_slots`, counted by the loop's `net.breaker.TrialSlots`); their outcomes
+come back here and close or re-open the breaker.
 """
 from __future__ import annotations
 
@@ -15,11 +18,9 @@ import pykka
 
 from actors.messages import BackendOutcomes, BreakerEvent, Tick
 from actors.timers import Timers
-from net.breaker import CLOSED, Breaker
+from net.breaker import BACKEND_FAILURES, CLOSED, Breaker, verdict
 from net.config import ListenerConfig
 from net.snapshot import OPEN, Outcome
-
-BACKEND_FAILURES = frozenset({"connect", "timeout", "reset", "invalid_response"})
 
 
 def is_backend_failure(outcome: Outcome) -> bool:
@@ -44,9 +45,10 @@ class CircuitBreaker(pykka.ThreadingActor):
                 now = time.monotonic()
                 touched = set()
                 for outcome in outcomes:
-                    if outcome.lb_made or not 0 <= outcome.backend < len(self._breakers):
+                    success = verdict(outcome)  # a 502/504 the balancer made for this backend is a failure
+                    if success is None or outcome.backend >= len(self._breakers):
                         continue
-                    self._breakers[outcome.backend].record(not is_backend_failure(outcome), now)
+                    self._breakers[outcome.backend].record(success, now)
                     touched.add(outcome.backend)
                 for index in sorted(touched):
                     self._publish_if_changed(index, now)

@@ -30,9 +30,24 @@ without comparing snapshots.
 """
 from __future__ import annotations
 
-from net.snapshot import HALF_OPEN, OPEN
+from net.snapshot import HALF_OPEN, OPEN, Outcome
 
 CLOSED = "closed"
+BACKEND_FAILURES = frozenset({"connect", "timeout", "reset", "invalid_response"})  # Outcome.error values
+
+
+def verdict(outcome: Outcome) -> bool | None:
+    """What one request's Outcome says about its backend: False = a failure (a connect error, timeout,
+    reset or invalid response, also when the load balancer answered 502/504 for it, or a 5xx from the
+    backend), True = a success, None = nothing: no backend, the client went away first, or a response
+    the load balancer made for its own reasons (429, 503...). Breakers and trial slots count only verdicts."""
+    if outcome.backend < 0 or outcome.error == "client_closed":
+        return None
+    if outcome.error in BACKEND_FAILURES:
+        return False
+    if outcome.lb_made:
+        return None
+    return outcome.status < 500
 
 
 class Breaker:
@@ -118,3 +133,37 @@ class Breaker:
         self._failures = 0
         self._trials_in_flight = 0
         self._trial_successes = 0
+
+
+class TrialSlots:
+    """The loop's share of HALF_OPEN for one listener: how many more trial requests each half-open
+    backend may take, as a local read per request.
+
+    The CircuitBreaker actor hears outcomes a report later (up to 50 ms and an actor hop), so the loop
+    must not go on sending to a half-open backend while it waits: in one half-open period a backend
+    takes at most `half_open_slots` trials, counting those in flight plus those that ended with a
+    verdict (`verdict` is not None). A trial that ended without one (the client went away) frees its
+    slot, as `Breaker.release_trial(None)` does. A period starts with the first snapshot that shows the
+    backend HALF_OPEN and ends with one that shows it in any other state.
+    """
+
+    __slots__ = ("_periods",)
+
+    def __init__(self) -> None:
+        self._periods: dict[int, list[int]] = {}  # half-open backend id -> [slots, trials with a verdict]
+
+    def update(self, snapshot) -> None:
+        periods = self._periods
+        self._periods = {view.index: [view.half_open_slots, periods[view.index][1] if view.index in periods else 0]
+                         for view in snapshot.backends if view.state == HALF_OPEN}
+
+    def admits(self, backend: int, in_flight: int) -> bool:
+        """May one more trial go to this half-open backend, with `in_flight` requests on it now?"""
+        period = self._periods.get(backend)
+        return period is not None and in_flight + period[1] < period[0]
+
+    def record(self, outcome: Outcome) -> None:
+        if self._periods:
+            period = self._periods.get(outcome.backend)
+            if period is not None and verdict(outcome) is not None:
+                period[1] += 1

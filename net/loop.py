@@ -20,9 +20,11 @@ import queue
 import selectors
 import socket
 import time
+from functools import partial
 from typing import Callable
 
 from actors.messages import LoopReport
+from net.breaker import TrialSlots
 from net.config import ListenerConfig
 from net.listeners import ListenerTls, make_listener
 from net.proxy import HttpListener
@@ -97,6 +99,7 @@ class IOLoop:
         self._stopping = False
         self._last_report = 0.0
         self._bound: dict[int, tuple] = {}
+        self._trials: dict[int, TrialSlots] = {}  # per listener: half-open backends' trial slots
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -108,7 +111,7 @@ class IOLoop:
         """Bind now (in the caller's thread; OSError if the port is taken); the loop then accepts. TLS
         certificate and CA files are read here too, afresh on every call (ValueError if they fail)."""
         tls = ListenerTls.build(cfg)
-        strategy = self._strategy_factory(cfg)  # before binding: it may refuse the config (geo_database)
+        strategy = self._new_strategy(cfg)  # before binding: it may refuse the config (geo_database)
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -137,7 +140,7 @@ class IOLoop:
         strategy and TLS files are built here, in the caller's thread, like `add_listener` (ValueError
         if a file fails); the strategy gets the last published snapshot until the next `publish`."""
         tls = ListenerTls.build(cfg)
-        strategy = self._strategy_factory(cfg)
+        strategy = self._new_strategy(cfg)
         self._call(self._swap_listener, cfg, strategy, tls)
 
     def publish(self, snapshot: PoolSnapshot) -> None:
@@ -147,6 +150,16 @@ class IOLoop:
 
     def stop(self) -> None:
         self._call(self._request_stop)
+
+    def _new_strategy(self, cfg: ListenerConfig):
+        """The listener's strategy, admitting trials to half-open backends by the loop's TrialSlots."""
+        strategy = self._strategy_factory(cfg)
+        strategy.set_trial_gate(partial(self._trial_admits, cfg.index, strategy))
+        return strategy
+
+    def _trial_admits(self, listener: int, strategy, backend: int) -> bool:
+        trials = self._trials.get(listener)
+        return trials is not None and trials.admits(backend, strategy.in_flight(backend))
 
     def _call(self, fn, *args) -> None:
         self._calls.put((fn, args))
@@ -170,6 +183,7 @@ class IOLoop:
             old.stop_accepting()
         listener = make_listener(self, cfg, sock, strategy, tls)
         self.listeners[cfg.index] = listener
+        self._trials[cfg.index] = TrialSlots()
         self.client_connections.setdefault(cfg.index, 0)
         self.selector.register(sock, selectors.EVENT_READ, listener)
 
@@ -190,10 +204,12 @@ class IOLoop:
         if listener is not None:
             listener.stop_accepting()
         self._bound.pop(index, None)
+        self._trials.pop(index, None)
 
     def _apply_snapshot(self, snapshot: PoolSnapshot, addresses: dict) -> None:
         listener = self.listeners.get(snapshot.listener)
         if listener is not None:
+            self._trials[snapshot.listener].update(snapshot)
             listener.publish(snapshot, addresses)
 
     def _request_stop(self) -> None:
@@ -216,6 +232,9 @@ class IOLoop:
 
     def record(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
+        trials = self._trials.get(outcome.listener)
+        if trials is not None:
+            trials.record(outcome)
 
     def gauge_active(self, listener: int, backend: int, delta: int) -> None:
         key = (listener, backend)
