@@ -204,8 +204,9 @@ class Runtime:
                 self._start_listeners(config)
             supervisor = self.supervisor.proxy()
             for app in config.apps:
-                supervisor.start_app(app).get(timeout=ASK_TIMEOUT)
-                self._apps.setdefault(app.name, app)
+                started = supervisor.start_app(app).get(timeout=ASK_TIMEOUT)
+                if app.name not in self._apps or len(started) == app.instances:  # (re)started whole: this config
+                    self._apps[app.name] = app
             if self.config is None or config.listeners:
                 self.config = config
                 self._remember_templates(config.listeners, config.apps)

@@ -206,11 +206,12 @@ def test_listeners_added_and_removed(tmp_path, app_script, runtime):
     with LoadClient(second) as traffic:
         traffic.wait_for(10)
     assert traffic.failures == []
-    data["load_balancer"] = data["load_balancer"][1]
+    data["load_balancer"] = {**data["load_balancer"][1], "type": "tcp"}  # the same port, another type
     report = runtime.reload_config(load(runtime, tmp_path, data))
-    assert report["listeners"] == {"kept": [second], "added": [], "removed": [first], "rebound": []}
-    assert [r["port"] for r in runtime.lb_status()] == [second]
+    assert report["listeners"] == {"kept": [], "added": [], "removed": [first], "rebound": [second]}
+    assert [(r["port"], r["type"]) for r in runtime.lb_status()] == [(second, "tcp")]
     wait_until(lambda: socket.socket().connect_ex(("127.0.0.1", first)) != 0, 5, message=f"port {first} closed")
+    wait_until(lambda: runtime.lb_status()[0]["backends_up"] == 2, 20, message="the tcp listener's backends up")
     with LoadClient(second) as traffic:
         traffic.wait_for(10)
     assert traffic.failures == []
