@@ -603,3 +603,73 @@ def test_breaker_opens_on_backend_timeouts(tmp_path, foreground_daemon, pmdaemon
     assert timeouts >= 2
     replies = [get(lb_port) for _ in range(6)]
     assert {(r.status, r.backend) for r in replies} == {(200, well)}
+
+
+# --- rate limiting --------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_a_burst_from_one_client_address_gets_429_with_retry_after_while_another_is_served(
+        tmp_path, foreground_daemon, pmdaemon):
+    per_ip = 3
+    app, base = app_config("web", 2)
+    config, lb_port = balanced(tmp_path, [app], rate_limiting={
+        "enabled": True, "requests_per_second": 1000, "burst_size": 1000, "per_ip_limit": per_ip})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    wait_state(client, base, "up")
+    wait_state(client, base + 1, "up")
+    before = served(base) + served(base + 1)
+
+    burst = [get(lb_port, source=CLIENT_A) for _ in range(4 * per_ip)]
+    refused = [reply for reply in burst if reply.status == 429]
+    assert [reply.status for reply in burst if reply.status != 429] == [200] * per_ip
+    assert len(refused) >= 3 * per_ip - 1  # a token may refill during the burst
+    for reply in refused:
+        assert int(reply.headers["Retry-After"]) >= 1
+        assert reply.headers.get_content_type() == "text/plain"
+        assert reply.backend is None  # made by the balancer: no backend saw it
+    assert served(base) + served(base + 1) - before == len(burst) - len(refused)
+
+    other = [get(lb_port, source=CLIENT_B) for _ in range(per_ip)]
+    assert [reply.status for reply in other] == [200] * per_ip
+
+    time.sleep(int(refused[-1].headers["Retry-After"]))
+    assert get(lb_port, source=CLIENT_A).status == 200  # its bucket refilled
+    wait_until(lambda: pmdaemon.json("lb", "status")[0]["rate_limiting"]["top_refused_clients"].get(CLIENT_A)
+               == len(refused), 5, message="the refusals counted for that client")
+
+
+def tcp_exchange(port: int, source: str) -> bytes:
+    """Connect from `source`, ask which backend answers; b"" when the balancer closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as sock:
+        try:
+            sock.sendall(b"WHO\n")
+            answer = b""
+            while not answer.endswith(b"\n"):
+                data = sock.recv(100)
+                if not data:
+                    break
+                answer += data
+            return answer
+        except ConnectionResetError:
+            return b""
+
+
+@pytest.mark.timeout(60)
+def test_a_tcp_listener_refuses_new_connections_over_the_rate_limit(tmp_path, foreground_daemon, pmdaemon):
+    per_ip = 2
+    base = free_port_range(2)
+    app = {"name": "echo", "script": str(TCP_ECHO), "instances": 2, "increment_var": "PORT",
+           "env": {"PORT": base}, "min_uptime": 200, "kill_timeout": 1000}
+    config, lb_port = balanced(tmp_path, [app], type="tcp", rate_limiting={
+        "enabled": True, "requests_per_second": 1000, "burst_size": 1000, "per_ip_limit": per_ip})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    wait_state(client, base, "up")
+    wait_state(client, base + 1, "up")
+
+    answers = [tcp_exchange(lb_port, CLIENT_A) for _ in range(4 * per_ip)]
+    accepted = [answer for answer in answers if answer]
+    assert accepted[:per_ip] == answers[:per_ip] and len(accepted) <= per_ip + 1
+    assert {int(answer) for answer in accepted} <= {base, base + 1}
+    assert all(tcp_exchange(lb_port, CLIENT_B) for _ in range(per_ip))
