@@ -510,12 +510,13 @@ class RequestReader(_Reader):
 class ResponseReader(_Reader):
     """Backend side, one response per `start(method)`; 1xx heads are returned and parsing goes on."""
 
-    __slots__ = ("_method", "head")
+    __slots__ = ("_method", "head", "_parsed")
 
     def __init__(self, max_header_size: int = 64 * 1024):
         super().__init__(502, None, max_header_size)
         self._method = b"GET"
         self.head: ResponseHead | None = None
+        self._parsed: ResponseHead | None = None  # a head `feed_whole` parsed; next_event returns it first
         self._state = _DONE
         self._left = -1
 
@@ -526,8 +527,41 @@ class ResponseReader(_Reader):
         self._left = 0
         self._scanned = 0
         self.head = None
+        self._parsed = None
+
+    def feed_whole(self, data: bytes) -> tuple[ResponseHead, bytes] | None:
+        """`feed(data)` with a fast path for the common case: `data` (nothing buffered before it) holds
+        one whole final response framed by Content-Length (or bodyless) and nothing after it. Then
+        `(head, body)` is returned and the reader is left exactly as after the events `next_event()`
+        would have returned for it (head, body, END): idle. Otherwise returns None and the events come
+        from `next_event()` as usual; a head parsed here is not parsed twice (`next_event()` returns it
+        first). An invalid head raises HttpError here, as `next_event()` would."""
+        if self._state != _HEAD or self._buf or self._parsed is not None:
+            self.feed(data)
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            self._buf = data
+            return None
+        head = parse_response_head(data[:end], self._method)
+        self._scanned = 0
+        self._buf = buf = data[end + 4:]
+        if head.status >= 200:  # what next_event() does on a final head
+            self.head = head
+            self._begin_body(head.chunked, head.content_length, head.until_close)
+            state = self._state
+            if (state == _LENGTH and len(buf) == self._left) or (state == _DONE and not buf):
+                self._buf = b""
+                self._state = _DONE
+                self._left = -1  # END returned
+                return head, buf
+        self._parsed = head
+        return None
 
     def next_event(self):
+        if self._parsed is not None:
+            head, self._parsed = self._parsed, None
+            return head
         state = self._state
         if state != _HEAD:
             if state == _DONE:
