@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -673,3 +674,71 @@ def test_a_tcp_listener_refuses_new_connections_over_the_rate_limit(tmp_path, fo
     assert accepted[:per_ip] == answers[:per_ip] and len(accepted) <= per_ip + 1
     assert {int(answer) for answer in accepted} <= {base, base + 1}
     assert all(tcp_exchange(lb_port, CLIENT_B) for _ in range(per_ip))
+
+
+# --- the examples ---------------------------------------------------------------------------------
+
+def example_on_free_ports(tmp_path: Path, name: str) -> tuple[Path, dict, int, int]:
+    """examples/<name> with its app moved to free ports and its listener to a free port on 127.0.0.1."""
+    examples = tmp_path / "examples"
+    shutil.copytree(REPO / "examples" / "apps", examples / "apps", dirs_exist_ok=True)
+    data = json.loads((REPO / "examples" / name).read_text())
+    app = data["apps"][0]
+    old_base = app["env"]["PORT"]
+    base = app["env"]["PORT"] = free_port_range(app["instances"])
+    lb_port = free_port()
+    balancer = data.setdefault("load_balancer", {})
+    balancer.update(port=lb_port, host="127.0.0.1")
+    if "backend_ports" in balancer:
+        balancer["backend_ports"] = [port - old_base + base for port in balancer["backend_ports"]]
+    return write_config(examples, data, name), app, base, lb_port
+
+
+def all_up(pmdaemon, count: int) -> None:
+    wait_until(lambda: (lambda rows: len(rows) == count and all(r["state"] == "up" for r in rows))(
+        pmdaemon.json("lb", "backends")), 20, interval=0.2, message=f"{count} backends up")
+
+
+def served_by(lb_port: int, count: int, source: str | None = None) -> list[tuple[int, int | None]]:
+    return [(reply.status, reply.backend) for reply in (get(lb_port, source=source) for _ in range(count))]
+
+
+@pytest.mark.timeout(60)
+def test_the_health_aware_example_runs(tmp_path, pmdaemon):
+    config, app, base, lb_port = example_on_free_ports(tmp_path, "health-aware.json")
+    result = pmdaemon("start", config)
+    assert result.returncode == 0, result.stderr
+    all_up(pmdaemon, app["instances"])
+    status = pmdaemon.json("lb", "status")[0]
+    assert (status["strategy"], status["backends_up"]) == ("health_aware_round_robin", app["instances"])
+    assert {backend for _, backend in served_by(lb_port, 2 * app["instances"])} == \
+        set(range(base, base + app["instances"]))
+    rows = pmdaemon.json("lb", "health")
+    assert len(rows) == app["instances"] and {row["state"] for row in rows} == {"up"}
+    assert all(row["check"].endswith("/health") for row in rows)
+
+
+@pytest.mark.timeout(60)
+def test_the_circuit_breaker_example_runs(tmp_path, pmdaemon):
+    config, app, base, lb_port = example_on_free_ports(tmp_path, "circuit-breaker.json")
+    result = pmdaemon("start", config)
+    assert result.returncode == 0, result.stderr
+    all_up(pmdaemon, app["instances"])
+    rows = pmdaemon.json("lb", "backends")
+    assert [row["instance"] for row in rows] == [f"web-{i}" for i in range(app["instances"])]
+    assert {row["breaker"] for row in rows} == {"closed"}
+    replies = served_by(lb_port, 2 * app["instances"])
+    assert {status for status, _ in replies} == {200}
+    assert {backend for _, backend in replies} == set(range(base, base + app["instances"]))
+
+
+@pytest.mark.timeout(60)
+def test_the_rate_limiting_example_runs(tmp_path, pmdaemon):
+    config, app, base, lb_port = example_on_free_ports(tmp_path, "rate-limiting.json")
+    per_ip = json.loads(config.read_text())["load_balancer"]["rate_limiting"]["per_ip_limit"]
+    result = pmdaemon("start", config)
+    assert result.returncode == 0, result.stderr
+    all_up(pmdaemon, app["instances"])
+    statuses = [status for status, _ in served_by(lb_port, per_ip + 5, source=CLIENT_A)]
+    assert statuses[:per_ip] == [200] * per_ip and 429 in statuses[per_ip:]
+    assert {status for status, _ in served_by(lb_port, 3, source=CLIENT_B)} == {200}
