@@ -256,3 +256,51 @@ def test_fast_field_split_agrees_with_the_strict_line_parser(parts):
     except HttpError:
         slow = "error"
     assert fast == slow
+
+
+def _events_via_next_event(data: bytes, method: bytes = b"GET"):
+    reader = ResponseReader()
+    reader.start(method)
+    reader.feed(data)
+    return _drain(reader), reader
+
+
+def _drain(reader: ResponseReader) -> list:
+    events = []
+    while True:
+        ev = reader.next_event()
+        if ev is NEED_DATA or ev is PAUSED:
+            return events
+        events.append(ev if isinstance(ev, (bytes, str)) else (ev.status, ev.content_length, ev.chunked))
+
+
+@pytest.mark.parametrize("data, whole", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+    (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok", False),  # body still coming
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1", False),  # bytes after the response
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False),
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Le", False),  # head not complete
+])
+def test_feed_whole_fast_path_equals_the_event_path(data, whole):
+    expected, ref = _events_via_next_event(data)
+    reader = ResponseReader()
+    reader.start(b"GET")
+    got = reader.feed_whole(data)
+    if whole:
+        head, body = got
+        events = [(head.status, head.content_length, head.chunked)] + ([body] if body else []) + [END]
+        assert events == expected and reader.idle and not reader.buffered
+    else:
+        assert got is None
+        assert _drain(reader) == expected
+    assert (reader.idle, reader.buffered) == (ref.idle, ref.buffered)
+
+
+def test_feed_whole_raises_what_next_event_raises():
+    reader = ResponseReader()
+    reader.start(b"GET")
+    with pytest.raises(HttpError) as exc:
+        reader.feed_whole(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
+    assert exc.value.status == 502
