@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
+from conftest import REPO, http_app_config, wait_until, write_config
 from net.control import ControlClient
 
 SWITCHABLE = Path(__file__).resolve().parent / "apps" / "switchable.py"
@@ -32,6 +33,40 @@ CLIENT_A, CLIENT_B = "127.0.0.2", "127.0.0.3"  # two client addresses on the loo
 
 
 # --- configs --------------------------------------------------------------------------------------
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port_range(count: int) -> int:
+    """The first of `count` consecutive free ports, below the kernel's ephemeral range.
+
+    These tests open thousands of client and backend connections, each on an ephemeral local port;
+    a port picked from that range (conftest's free_port) can be taken by one of them (or by another
+    developer's run) before the instance binds it, and the instance then crashes at start."""
+    low = max(1024, _ephemeral_low() - 20000)
+    for _ in range(200):
+        base = random.randrange(low, _ephemeral_low() - count)
+        if all(_bindable(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def free_port() -> int:
+    return free_port_range(1)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
 
 def app_config(name: str, instances: int, *, health: dict | None = None, balancing: dict | None = None,
                env: dict | None = None) -> tuple[dict, int]:
