@@ -778,3 +778,42 @@ def test_the_rate_limiting_example_runs(tmp_path, pmdaemon):
     statuses = [status for status, _ in served_by(lb_port, per_ip + 5, source=CLIENT_A)]
     assert statuses[:per_ip] == [200] * per_ip and 429 in statuses[per_ip:]
     assert {status for status, _ in served_by(lb_port, 3, source=CLIENT_B)} == {200}
+
+
+def bursts(moments: list[float], gap: float) -> list[list[float]]:
+    """`moments` (sorted) grouped where consecutive ones are less than `gap` apart."""
+    groups: list[list[float]] = []
+    for moment in moments:
+        if groups and moment - groups[-1][-1] < gap:
+            groups[-1].append(moment)
+        else:
+            groups.append([moment])
+    return groups
+
+
+@pytest.mark.timeout(60)
+def test_health_aware_ejects_a_backend_on_live_5xx_for_the_quarantine_each_time(tmp_path, foreground_daemon, pmdaemon):
+    """Its /health keeps passing: only live traffic shows the failure. Each time it is let back after
+    the quarantine, its first 500 ejects it again (the loop reports outcomes in batches, so a request or
+    two more may reach it meanwhile)."""
+    quarantine = 1.0
+    app, base = app_config("web", 2, health={"interval": 0.2, "failure_threshold": 2},
+                           balancing={"strategy": "health_aware_round_robin", "quarantine_duration": quarantine})
+    config, lb_port = balanced(tmp_path, [app])
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    broken, well = base, base + 1
+    wait_state(client, broken, "up")
+    wait_state(client, well, "up")
+
+    admin(broken, "/_admin/fail?on=1")
+    with Traffic(lb_port, pause=0.01) as traffic:
+        wait_until(lambda: len(bursts(sorted(t for t, r in list(traffic.replies) if r.status == 500), 0.5)) >= 3,
+                   4 * quarantine + 10, message="three ejections")
+    assert traffic.failures == []
+    failed = sorted(started for started, reply in traffic.replies if reply.status == 500)
+    assert {reply.status for _, reply in traffic.replies} == {200, 500}
+    assert served(broken) == len(failed), "the ejected backend got requests nobody saw fail"
+    groups = bursts(failed, 0.5)
+    for before, after in zip(groups, groups[1:]):
+        assert after[0] - before[-1] >= quarantine - 0.2, f"back before the quarantine: {groups}"
