@@ -94,11 +94,12 @@ class _ReportFanOut:
         self.units: dict[int, _ListenerUnit] = {}
         self.metrics: pykka.ActorRef | None = None
         self.active: dict = {}
-        self._last_active: dict = {}
+        self._told: dict = {}  # Backend actor ref -> the in-flight gauge last told to it
 
     def __call__(self, report: LoopReport) -> None:
         units = self.units
         self.active = report.active
+        told = {}
         if self.metrics is not None:
             _tell(self.metrics, _by_position(report, units))
         by_listener: dict[int, list] = defaultdict(list)
@@ -112,9 +113,8 @@ class _ReportFanOut:
             for outcome in outcomes:
                 by_backend[outcome.backend].append(outcome)
             for backend, ref in enumerate(unit.backends):
-                key = (index, unit.ids[backend])
-                active = report.active.get(key, 0)
-                if backend in by_backend or active != self._last_active.get(key, 0):
+                active = told[ref] = report.active.get((index, unit.ids[backend]), 0)
+                if backend in by_backend or active != self._told.get(ref, 0):
                     _tell(ref, BackendOutcomes(tuple(by_backend.get(backend, ())), active))
             if outcomes and unit.breaker is not None:
                 _tell(unit.breaker, BackendOutcomes(tuple(outcomes)))
@@ -122,7 +122,7 @@ class _ReportFanOut:
                 refused = tuple(o for o in outcomes if o.error == "rate_limited")
                 if refused:
                     _tell(unit.ratelimiter, BackendOutcomes(refused))
-        self._last_active = report.active
+        self._told = told
 
 
 def _at_position(outcome, positions: dict[int, int]):
@@ -410,12 +410,16 @@ class Runtime:
             self._remember_templates(plan.listeners, config.apps)
         # 4. Processes: removed apps stop (their backends were drained), new ones start, changed ones roll.
         supervisor = self.supervisor.proxy()
-        stopped = [name for app in apps.removed for name in supervisor.delete(app).get(timeout=ASK_TIMEOUT)]
+        known = set(supervisor.app_names().get(timeout=ASK_TIMEOUT))  # `pmdaemon delete` may have dropped some
+        stopped = [name for app in apps.removed if app in known
+                   for name in supervisor.delete(app).get(timeout=ASK_TIMEOUT)]
         rollout.settled(stopped, max((self._kill_timeout(name) for name in stopped), default=0.0))
         for app in apps.removed:
             self._apps.pop(app, None)
         rolling = []
         for app in (*apps.restarted, *apps.updated):
+            if app.name not in known:
+                continue  # started below, like a new app
             before = {i.name for i in self._instances(app.name)}
             supervisor.update_app(app).get(timeout=ASK_TIMEOUT)
             result = supervisor.scale(app.name, app.instances).get(timeout=ASK_TIMEOUT)
@@ -423,7 +427,7 @@ class Runtime:
             self._apps[app.name] = app
             if app in apps.restarted:
                 rolling += [i for i in self._instances(app.name) if i.name in before]
-        for app in apps.added:
+        for app in (*apps.added, *(a for a in (*apps.restarted, *apps.updated) if a.name not in known)):
             supervisor.start_app(app).get(timeout=ASK_TIMEOUT)
             self._apps[app.name] = app
         report = {
@@ -490,7 +494,8 @@ class Runtime:
     def _stop_unit(self, unit: _ListenerUnit) -> None:
         """A listener left the config: it stops accepting (requests in flight finish), its actors stop."""
         self._loop.remove_listener(unit.config.index)
-        for ref in (unit.probe, unit.breaker, unit.scorer, unit.ratelimiter, unit.alerter, *unit.backends, unit.listener):
+        actors = (unit.probe, unit.breaker, unit.scorer, unit.ratelimiter, unit.alerter, *unit.backends, unit.listener)
+        for ref in actors:
             if ref is not None:
                 ref.stop()
 
@@ -553,8 +558,11 @@ class Runtime:
                     backend.instance, unit.probe)
 
     def _rollout(self) -> Rollout:
-        return Rollout(self.supervisor, self._seats, lambda listener, backend: self._fanout.active.get((listener, backend), 0),
-                       self._cancelled)
+        return Rollout(self.supervisor, self._seats, self._in_flight, self._cancelled)
+
+    def _in_flight(self, listener: int, backend_id: int) -> int:
+        """Requests (or TCP connections) in flight on a backend, as the loop last reported."""
+        return self._fanout.active.get((listener, backend_id), 0)
 
     @contextmanager
     def _operation(self):
