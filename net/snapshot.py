@@ -20,7 +20,8 @@ UP, DOWN, DRAINING, OPEN, HALF_OPEN = "up", "down", "draining", "open", "half_op
 class BackendView:
     """What the loop needs to know about one backend to route to it."""
 
-    index: int  # position in ListenerConfig.backends; stable for the snapshot's lifetime
+    index: int  # backend id: its position in ListenerConfig.backends until a pool replacement (scale,
+    #             reload --config); then it stays with the backend and a new backend gets an unused one
     host: str
     port: int
     instance: str | None
