@@ -34,14 +34,16 @@ from net.snapshot import HALF_OPEN, OPEN, Outcome
 
 CLOSED = "closed"
 BACKEND_FAILURES = frozenset({"connect", "timeout", "reset", "invalid_response"})  # Outcome.error values
+CLIENT_FAILURES = frozenset({"client_closed", "client_timeout"})  # the client went away or stalled
 
 
 def verdict(outcome: Outcome) -> bool | None:
     """What one request's Outcome says about its backend: False = a failure (a connect error, timeout,
     reset or invalid response, also when the load balancer answered 502/504 for it, or a 5xx from the
-    backend), True = a success, None = nothing: no backend, the client went away first, or a response
-    the load balancer made for its own reasons (429, 503...). Breakers and trial slots count only verdicts."""
-    if outcome.backend < 0 or outcome.error == "client_closed":
+    backend), True = a success, None = nothing: no backend, the client went away or stalled first, or a
+    response the load balancer made for its own reasons (429, 503...). Breakers and trial slots count
+    only verdicts."""
+    if outcome.backend < 0 or outcome.error in CLIENT_FAILURES:
         return None
     if outcome.error in BACKEND_FAILURES:
         return False

@@ -253,7 +253,7 @@ class ClientConnection(Channel):
                 self.close()
         elif state == EXCHANGE:
             if self.sent_to_client:
-                self.abort("timeout")
+                self.abort("client_timeout")  # its request body stalled: the client's failure, not the backend's
             else:
                 self.respond(408, f"request body stalled for {self.listener.idle_timeout:g} s", "lb_4xx")
         elif state == TUNNEL:
@@ -262,7 +262,7 @@ class ClientConnection(Channel):
             self.close()
 
     def on_write_timeout(self) -> None:
-        self.abort("timeout")
+        self.abort("client_timeout")  # the client stopped reading its response
 
     def on_error(self, exc: OSError) -> None:
         self.abort("client_closed")
@@ -616,6 +616,9 @@ class ClientConnection(Channel):
         if connecting:
             self._attempt_failed("timeout", 504, f"connecting to backend {self.view.address} timed out", True)
         elif self.sent_to_client:
+            if not up.reading:  # held back while the client drains what it has: no backend delay
+                up.set_deadline(self.loop.now + listener.read_timeout)
+                return
             self.abort("timeout")
         elif up.pending:
             self._attempt_failed("timeout", 504, f"backend {self.view.address} stopped reading the request", False)

@@ -63,7 +63,10 @@ class Outcome(NamedTuple):
     latency: float  # seconds from request head received to response head sent (TCP: duration)
     bytes_in: int  # from the client
     bytes_out: int  # to the client
-    error: str | None  # None, or: connect, timeout, reset, invalid_response, lb_4xx, lb_5xx,
+    error: str | None  # None, or: connect, timeout, reset, invalid_response (the backend failed),
+    #                    client_closed, client_timeout (the client went away or stalled), lb_4xx, lb_5xx,
     #                    rate_limited, breaker_open, no_backend
     client_ip: str
-    lb_made: bool  # the load balancer produced the response itself (never a backend failure)
+    # The load balancer produced the response itself; a backend failure only when it answered 502/504
+    # for one (then `backend` and `error` say which and why), see net/breaker.py `verdict`.
+    lb_made: bool

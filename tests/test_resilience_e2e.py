@@ -817,3 +817,37 @@ def test_health_aware_ejects_a_backend_on_live_5xx_for_the_quarantine_each_time(
     groups = bursts(failed, 0.5)
     for before, after in zip(groups, groups[1:]):
         assert after[0] - before[-1] >= quarantine - 0.2, f"back before the quarantine: {groups}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeouts", [{"write": 300}, {"read": 300}], ids=["write_timeout", "read_timeout"])
+def test_a_client_that_stops_reading_does_not_count_against_the_backend(tmp_path, foreground_daemon, pmdaemon,
+                                                                        timeouts):
+    """A client that does not read its response is the client's failure, not the backend's: neither the
+    balancer giving up on it (timeouts.write) nor the backend being held back meanwhile (not read while
+    the client has a full buffer, longer than timeouts.read) may eject the backend or trip its breaker."""
+    app, base = app_config("web", 2, health={"interval": 0.2, "failure_threshold": 2},
+                           balancing={"strategy": "health_aware_round_robin", "quarantine_duration": 30})
+    config, lb_port = balanced(tmp_path, [app], timeouts=timeouts,
+                               circuit_breaker={"enabled": True, "failure_threshold": 1, "recovery_timeout": 30000})
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    for port in (base, base + 1):
+        wait_state(client, port, "up")
+
+    stalled = []
+    for _ in range(2):  # one stalled download on each backend (round robin)
+        sock = socket.create_connection(("127.0.0.1", lb_port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /bytes/50000000 HTTP/1.1\r\nHost: lb\r\n\r\n")
+        stalled.append(sock)
+    try:
+        wait_until(lambda: stats(base)["requests"] + stats(base + 1)["requests"] == 2, 5,
+                   message="both downloads started")
+        time.sleep(1.5)  # well past the timeout
+        rows = {row["address"]: row for row in client.call("lb_backends")}
+        assert {(row["state"], row["breaker"]) for row in rows.values()} == {("up", "closed")}, rows
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert {get(lb_port).status for _ in range(4)} == {200}

@@ -26,6 +26,7 @@ def test_verdicts():
     assert verdict(outcome(0, 502, "reset", lb_made=True)) is False
     assert verdict(outcome(0, 502, "invalid_response", lb_made=True)) is False
     assert verdict(outcome(0, 200, "client_closed")) is None
+    assert verdict(outcome(0, 200, "client_timeout")) is None  # a client that stopped reading
     assert verdict(outcome(0, 503, "no_backend", lb_made=True)) is None
     assert verdict(outcome(-1, 429, "rate_limited", lb_made=True)) is None
     assert verdict(outcome(-1, 503, "lb_5xx", lb_made=True)) is None

@@ -12,6 +12,7 @@ Routes (every response carries `X-Backend: <port>`):
                                         delay), the time.time() of the first one and of the first
                                         passing /health, and the pid
   GET /health                           200 "ok" (see HEALTHY_AFTER_MS and /_admin/health)
+  GET /bytes/N                          a served request answered with N bytes of body
   anything else                         a served request: 200 "instance <id> port <port>"
 The admin paths are meant for the instance's own port, not through the load balancer.
 """
@@ -89,6 +90,8 @@ class Handler(BaseHTTPRequestHandler):
                 time.sleep(STATE.delay)
             if STATE.failing:
                 self._reply("failing on purpose\n", 500)
+            elif url.path.startswith("/bytes/"):
+                self._reply_bytes(int(url.path.rsplit("/", 1)[1]))
             else:
                 self._reply(f"instance {INSTANCE} port {PORT}\n")
 
@@ -111,6 +114,20 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Backend", str(PORT))
         self.end_headers()
         self.wfile.write(body)
+
+    def _reply_bytes(self, size: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.send_header("X-Backend", str(PORT))
+        self.end_headers()
+        block = b"x" * 65536
+        try:
+            while size:
+                self.wfile.write(block[:min(size, len(block))])
+                size -= min(size, len(block))
+        except OSError:
+            pass  # the client (the balancer) went away
 
     def log_message(self, format: str, *args) -> None:
         pass
