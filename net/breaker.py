@@ -27,6 +27,12 @@ A breaker is in one of three states:
 
 `record()` and `release_trial()` return the state after the event, so the owner can publish a change
 without comparing snapshots.
+
+Where the pieces run: the CircuitBreaker actor owns one `Breaker` per backend and turns each Outcome
+into a success, a failure or nothing with `verdict()` (a 502/504 the balancer answered for a failed
+backend is that backend's failure; a client that went away or stalled, a 429 or 503 the balancer
+made, say nothing). The I/O loop holds the HALF_OPEN gate itself, as a local read: `TrialSlots`
+counts each half-open backend's trials until the control plane's next snapshot.
 """
 from __future__ import annotations
 
