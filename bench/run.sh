@@ -4,7 +4,8 @@
 #
 #   bench/run.sh                 everything below, in this order (about 12 minutes on 2 cores)
 #   bench/run.sh http            HTTP (anchors-http.json on :8080) and TCP (anchors-tcp.json on
-#                                :5200 over redis) against direct, nginx and HAProxy
+#                                :5200 over redis) against direct, nginx and HAProxy (targets
+#                                HONLY; HONLY=. adds nginx-auto, haproxy-auto and the -close rows)
 #   bench/run.sh variants        CPU per request with a feature on vs the plain listener (below)
 #   bench/run.sh tls             bench/tls.sh: HTTPS keep-alive and new handshakes vs HAProxy
 #   bench/run.sh idle            bench/idle_conns.py: RSS with 10,000 idle keep-alive clients
@@ -21,18 +22,23 @@
 # During the monitoring variant /metrics is scraped every SCRAPE_EVERY seconds (Prometheus' default
 # is 15 s), so the export is exercised, not just enabled.
 #
-# Knobs (env): DUR=5 RUNS=3 CONNS="64 8" (main run; anchors.sh's own knobs such as QUIET, PIN,
+# Knobs (env): DUR=5 RUNS=3 CONNS="64 8" HONLY (main run; anchors.sh's own knobs such as QUIET, PIN,
 #   REDIS_N pass through), VDUR=5 VRUNS=3 VCONNS=64 VROUNDS=1 VONLY (variants), SCRAPE_EVERY=5,
 #   RESULTS=bench/results/<UTC date-time> (tables are copied there; raw logs of every anchors.sh
 #   run stay in /tmp/pmdaemon-bench-*/, printed at the end),
-#   PORT_WAIT=600 (seconds to wait for another run of anchors.sh to free ports 3000/8080/...).
+#   PORT_WAIT=600 (seconds to wait for another run of anchors.sh to free ports 3000/8080/...),
+#   QUIET_WAIT=15 RETRY=1 (anchors.sh's waits for a quiet machine, shorter than its defaults so that
+#   other developers' test runs cannot stretch the bench past ~15 minutes; the bg% column shows
+#   how much other load remained; tls.sh honours QUIET_WAIT too).
 set -u
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel); BENCH=$ROOT/bench
 ANCHORS=$ROOT/../shared/bench/anchors.sh
 DUR=${DUR:-5} RUNS=${RUNS:-3} CONNS=${CONNS:-"64 8"}
 VDUR=${VDUR:-5} VRUNS=${VRUNS:-3} VCONNS=${VCONNS:-64} VROUNDS=${VROUNDS:-1}
-VONLY=${VONLY:-'direct-nginx|haproxy-t1$|ours$'} SCRAPE_EVERY=${SCRAPE_EVERY:-5}
+HONLY=${HONLY:-'^(direct-nginx|nginx-w1|haproxy-t1|ours|redis-direct|haproxy-tcp|ours-tcp)$'}
+VONLY=${VONLY:-'^(direct-nginx|haproxy-t1|ours)$'} SCRAPE_EVERY=${SCRAPE_EVERY:-5}
 PORT_WAIT=${PORT_WAIT:-600}
+export QUIET_WAIT=${QUIET_WAIT:-15} RETRY=${RETRY:-1}  # anchors.sh's: bounded, so a busy machine cannot stretch the run
 RESULTS=${RESULTS:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)}
 TMP=$(mktemp -d /tmp/pmdaemon-bench-XXXXXX)
 command -v pmdaemon >/dev/null || { echo "pmdaemon not on PATH: pip install -e $ROOT"; exit 1; }
@@ -57,7 +63,7 @@ lb_cmd() { # CONFIG -> the LB_CMD that runs our daemon in the foreground with a 
 run_http() {
   echo "== HTTP and TCP anchors (DUR=$DUR RUNS=$RUNS CONNS=$CONNS)"; wait_ports || return 1
   local out=$TMP/anchors-main
-  OUT=$out DUR=$DUR RUNS=$RUNS CONNS=$CONNS LB_PORT=8080 LB_CMD="$(lb_cmd "$BENCH/anchors-http.json")" \
+  OUT=$out DUR=$DUR RUNS=$RUNS CONNS=$CONNS ONLY=$HONLY LB_PORT=8080 LB_CMD="$(lb_cmd "$BENCH/anchors-http.json")" \
     LB_TCP_PORT=5200 LB_TCP_CMD="$(lb_cmd "$BENCH/anchors-tcp.json")" bash "$ANCHORS"
   cp "$out/table.md" "$RESULTS/http-tcp.md"; cp "$out/results.tsv" "$RESULTS/http-tcp.tsv"
   cp "$out/meta.txt" "$RESULTS/http-tcp.meta"; grep -h "" "$out"/log/ours*.log >"$RESULTS/http-tcp.ours.log" 2>/dev/null
