@@ -13,7 +13,6 @@ import shutil
 import ssl
 from pathlib import Path
 
-import pytest
 import trustme
 
 from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
