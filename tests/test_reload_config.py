@@ -20,12 +20,13 @@ from actorpool import Pool
 from actors.health import HealthProbe
 from actors.messages import InstanceEvent
 from actors.runtime import Runtime
-from conftest import free_port, free_port_range, http_app_config, wait_until, write_config
+from conftest import http_app_config, wait_until, write_config
 from loadclient import LoadClient
 from net.config import AppConfig, BackendConfig, HealthCheckConfig, ListenerConfig
 from net.configdiff import dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool
 from net.configfile import ConfigError, parse_config
 from net.snapshot import DOWN, DRAINING, UP
+from quietports import quiet_port, quiet_port_range
 from tinybackend import TinyBackend
 
 HEALTH = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout": 1, "failure_threshold": 2}
@@ -83,7 +84,7 @@ def test_a_replaced_pool_keeps_what_it_knew_of_each_backend_and_its_id():
     servers = [TinyBackend(f"web-{i}") for i in range(3)]
     backends = [BackendConfig("127.0.0.1", s.port, instance=f"web-{i}", app="web", health_check=CHECK)
                 for i, s in enumerate(servers)]
-    pool = Pool(ListenerConfig(index=0, port=free_port(), backends=tuple(backends[:2])))
+    pool = Pool(ListenerConfig(index=0, port=quiet_port(), backends=tuple(backends[:2])))
     try:
         for name in ("web-0", "web-1", "web-2"):  # web-2 runs, but is in no pool yet
             pool.listener.tell(InstanceEvent(name, "web", "online", None, None))
@@ -91,7 +92,7 @@ def test_a_replaced_pool_keeps_what_it_knew_of_each_backend_and_its_id():
         pool.listener.proxy().drain([1]).get()
 
         pool.probe.stop()
-        config = ListenerConfig(index=0, port=free_port(), backends=(backends[1], backends[2]))
+        config = ListenerConfig(index=0, port=quiet_port(), backends=(backends[1], backends[2]))
         rows = pool.listener.proxy().replace_pool(config).get()
         assert [(b.index, b.port, b.state) for b in pool.snapshots[-1].backends] == \
             [(1, servers[1].port, DRAINING), (2, servers[2].port, DOWN)]  # web-1 keeps id 1; web-2 a new id
@@ -120,8 +121,8 @@ def runtime(tmp_path):
 
 def two_apps(app_script: Path, lb_port: int) -> dict:
     """web (3 instances) behind a round robin listener; api (2) defined but in no pool."""
-    web = http_app_config(app_script, "web", 3, free_port_range(3), health_check=HEALTH)
-    api = http_app_config(app_script, "api", 2, free_port_range(2), health_check=HEALTH)
+    web = http_app_config(app_script, "web", 3, quiet_port_range(3), health_check=HEALTH)
+    api = http_app_config(app_script, "api", 2, quiet_port_range(2), health_check=HEALTH)
     return {"apps": [web, api], "load_balancer": {"host": "127.0.0.1", "port": lb_port, "apps": ["web"]}}
 
 
@@ -139,7 +140,7 @@ def pids(runtime: Runtime) -> dict[str, int]:
 
 
 def test_strategy_change_and_a_new_app_in_the_pool_without_a_failed_request(tmp_path, app_script, runtime):
-    lb_port = free_port()
+    lb_port = quiet_port()
     data = two_apps(app_script, lb_port)
     runtime.apply(load(runtime, tmp_path, data))
     up(runtime, 3)
@@ -172,7 +173,7 @@ def test_strategy_change_and_a_new_app_in_the_pool_without_a_failed_request(tmp_
 
 
 def test_removed_changed_and_rescaled_apps(tmp_path, app_script, runtime):
-    lb_port = free_port()
+    lb_port = quiet_port()
     data = two_apps(app_script, lb_port)
     data["load_balancer"]["apps"] = ["web", "api"]
     runtime.apply(load(runtime, tmp_path, data))
@@ -196,7 +197,7 @@ def test_removed_changed_and_rescaled_apps(tmp_path, app_script, runtime):
 
 
 def test_listeners_added_and_removed(tmp_path, app_script, runtime):
-    first, second = free_port(), free_port()
+    first, second = quiet_port(), quiet_port()
     data = two_apps(app_script, first)
     runtime.apply(load(runtime, tmp_path, data))
     up(runtime, 3)
@@ -218,7 +219,7 @@ def test_listeners_added_and_removed(tmp_path, app_script, runtime):
 
 
 def test_an_invalid_config_is_refused_whole_and_traffic_goes_on(tmp_path, app_script, runtime):
-    lb_port = free_port()
+    lb_port = quiet_port()
     data = two_apps(app_script, lb_port)
     runtime.apply(load(runtime, tmp_path, data))
     up(runtime, 3)
@@ -232,7 +233,7 @@ def test_an_invalid_config_is_refused_whole_and_traffic_goes_on(tmp_path, app_sc
         taken.listen()
         busy = {**data, "load_balancer": [data["load_balancer"], {"host": "127.0.0.1", "apps": ["api"],
                                                                   "port": taken.getsockname()[1]}]}
-        busy["apps"] = data["apps"] + [http_app_config(app_script, "extra", 1, free_port())]
+        busy["apps"] = data["apps"] + [http_app_config(app_script, "extra", 1, quiet_port())]
         with LoadClient(lb_port) as traffic:
             traffic.wait_for(10)
             with pytest.raises(ConfigError, match=r"^load_balancer: .*regions.mmdb"):
@@ -247,7 +248,7 @@ def test_an_invalid_config_is_refused_whole_and_traffic_goes_on(tmp_path, app_sc
 
 
 def test_certificates_are_read_again(tmp_path, app_script, runtime):
-    lb_port = free_port()
+    lb_port = quiet_port()
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
 
     def issue() -> trustme.CA:
@@ -290,7 +291,7 @@ def test_certificates_are_read_again(tmp_path, app_script, runtime):
 
 @pytest.mark.timeout(90)
 def test_cli_reload_config_under_load_and_an_invalid_one_exits_2(pmdaemon, tmp_path, app_script):
-    lb_port = free_port()
+    lb_port = quiet_port()
     data = two_apps(app_script, lb_port)
     config = write_config(tmp_path, data)
     assert pmdaemon("start", config).returncode == 0
@@ -317,7 +318,7 @@ def test_cli_reload_config_under_load_and_an_invalid_one_exits_2(pmdaemon, tmp_p
 
 @pytest.mark.timeout(90)
 def test_sighup_reloads_the_config_file(foreground_daemon, pmdaemon, tmp_path, app_script):
-    lb_port = free_port()
+    lb_port = quiet_port()
     data = two_apps(app_script, lb_port)
     config = write_config(tmp_path, data)
     daemon = foreground_daemon(config)
