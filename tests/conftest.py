@@ -11,6 +11,8 @@ with other developers' runs on the same machine. The fixtures:
 - `foreground_daemon`: a factory, `foreground_daemon(config_path)` starts
   `pmdaemon start <config> --no-daemon` in the background, waits until it has applied the config,
   and returns a `ForegroundDaemon` (its Popen and home). Teardown: SIGTERM, then kill by PID.
+- `backends` / `lb`: factories of RecordingBackends and of an IOLoop with one HTTP listener over
+  them, for data-plane tests (defined in proxyharness.py, loaded below as a plugin).
 Plain helpers (import them: `from conftest import free_port, write_config`):
 - `write_config(directory, data)`: writes a dict as a JSON config and returns its path;
   `http_app_config(script, name, instances, base_port)` builds one app entry.
@@ -40,6 +42,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cli"]
 DEFAULT_TIMEOUT = 30.0
+
+pytest_plugins = ("proxyharness",)
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""

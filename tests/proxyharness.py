@@ -1,11 +1,19 @@
-"""A real IOLoop on a thread with one HTTP listener, for data-plane tests; plus raw-socket helpers."""
+"""A real IOLoop on a thread with one HTTP listener, for data-plane tests; plus raw-socket helpers.
+
+Also a pytest plugin (conftest.py loads it): the `backends` and `lb` factory fixtures, which stop
+what they made at teardown.
+"""
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import socket
 import threading
 import time
 
+import pytest
+
+from backends import RecordingBackend
 from net.config import BackendConfig, ListenerConfig
 from net.loop import IOLoop
 from net.snapshot import UP, BackendView, PoolSnapshot
@@ -41,6 +49,43 @@ class LB:
     def close(self) -> None:
         self.loop.stop()
         self.thread.join(5)
+
+
+@pytest.fixture
+def backends():
+    """Factory: `backends(n)` starts n more RecordingBackends, named "a", "b", ... in order."""
+    made = []
+
+    def make(n: int = 1) -> list[RecordingBackend]:
+        new = [RecordingBackend(name) for name in "abcdefgh"[len(made):len(made) + n]]
+        made.extend(new)
+        return new
+
+    yield make
+    for backend in made:
+        backend.stop()
+
+
+@pytest.fixture
+def lb():
+    """Factory: `lb(backends, **listener_options)` starts an LB over them."""
+    made = []
+
+    def make(backends, **options) -> LB:
+        instance = LB(backends, **options)
+        made.append(instance)
+        return instance
+
+    yield make
+    for instance in made:
+        instance.close()
+
+
+def get(conn: http.client.HTTPConnection, path: str, method: str = "GET", **kw):
+    """One request on `conn`: (response, whole body)."""
+    conn.request(method, path, **kw)
+    resp = conn.getresponse()
+    return resp, resp.read()
 
 
 def replace(cfg, **changes):

@@ -8,43 +8,9 @@ import time
 
 import pytest
 
-from backends import RecordingBackend, pattern_bytes, ws_frame
+from backends import pattern_bytes, ws_frame
 from net.config import ConnectionPool, Limits, RateLimiting, Retries, Timeouts
-from proxyharness import LB, connect, exchange, read_all, read_response
-
-
-@pytest.fixture
-def backends():
-    made = []
-
-    def make(n: int = 1) -> list[RecordingBackend]:
-        new = [RecordingBackend(name) for name in "abcdefgh"[len(made):len(made) + n]]
-        made.extend(new)
-        return new
-
-    yield make
-    for backend in made:
-        backend.stop()
-
-
-@pytest.fixture
-def lb():
-    made = []
-
-    def make(backends, **options) -> LB:
-        instance = LB(backends, **options)
-        made.append(instance)
-        return instance
-
-    yield make
-    for instance in made:
-        instance.close()
-
-
-def get(conn: http.client.HTTPConnection, path: str, method: str = "GET", **kw):
-    conn.request(method, path, **kw)
-    resp = conn.getresponse()
-    return resp, resp.read()
+from proxyharness import connect, exchange, get, read_all, read_response
 
 
 def test_round_robin_per_request_on_one_keepalive_connection_and_reuse(backends, lb):

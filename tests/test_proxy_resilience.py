@@ -8,43 +8,8 @@ import time
 
 import pytest
 
-from backends import RecordingBackend
 from net.config import Retries, Timeouts
-from proxyharness import LB, connect, read_all, read_response
-
-
-@pytest.fixture
-def backends():
-    made = []
-
-    def make(n: int = 1) -> list[RecordingBackend]:
-        new = [RecordingBackend(name) for name in "abcdefgh"[len(made):len(made) + n]]
-        made.extend(new)
-        return new
-
-    yield make
-    for backend in made:
-        backend.stop()
-
-
-@pytest.fixture
-def lb():
-    made = []
-
-    def make(backends, **options) -> LB:
-        instance = LB(backends, **options)
-        made.append(instance)
-        return instance
-
-    yield make
-    for instance in made:
-        instance.close()
-
-
-def get(conn, path, method="GET", **kw):
-    conn.request(method, path, **kw)
-    resp = conn.getresponse()
-    return resp, resp.read()
+from proxyharness import connect, get, read_all, read_response
 
 
 def test_stale_pooled_connection_is_not_a_backend_failure(backends, lb):
