@@ -35,6 +35,8 @@ from typing import Callable, Iterable
 
 import psutil
 
+from actors.timers import TimerHandle
+
 log = logging.getLogger(__name__)
 
 _PR_SET_CHILD_SUBREAPER = 36
@@ -82,18 +84,6 @@ def kill_and_reap(processes: Iterable[psutil.Process], timeout: float = 1.0) -> 
         if not pending or time.monotonic() > deadline:
             break
         time.sleep(0.002)
-
-
-class TimerHandle:
-    """Returned by `ProcessWatcher.call_later`; `cancel()` keeps the callback from running."""
-
-    __slots__ = ("cancelled",)
-
-    def __init__(self) -> None:
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class ProcessWatcher:

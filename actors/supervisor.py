@@ -54,9 +54,10 @@ import psutil
 import pykka
 
 from actors.messages import InstanceEvent, InstanceUsage
-from actors.procwatch import ProcessWatcher, TimerHandle, kill_and_reap
+from actors.procwatch import ProcessWatcher, kill_and_reap
 from actors.restartpolicy import ERRORED as VERDICT_ERRORED
 from actors.restartpolicy import RESTART, RestartHistory, RestartRules
+from actors.timers import TimerHandle
 from net.config import AppConfig, InstanceSpec
 from net.configfile import instance_spec
 

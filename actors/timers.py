@@ -16,7 +16,8 @@ import pykka
 
 
 class TimerHandle:
-    """Returned by `Timers.tell_later`; `cancel()` stops the message from being sent."""
+    """Returned by `Timers.tell_later` and `ProcessWatcher.call_later`; `cancel()` keeps the message
+    from being sent (the callback from running)."""
 
     __slots__ = ("cancelled",)
 
