@@ -24,7 +24,7 @@ from functools import partial
 from typing import Callable
 
 from actors.messages import LoopReport
-from net.breaker import TrialSlots
+from net.breaker import TrialSlots, verdict
 from net.config import ListenerConfig
 from net.listeners import ListenerTls, make_listener
 from net.proxy import HttpListener
@@ -235,6 +235,10 @@ class IOLoop:
         trials = self._trials.get(outcome.listener)
         if trials is not None:
             trials.record(outcome)
+        if (outcome.error is not None or outcome.status >= 500) and verdict(outcome) is False:
+            listener = self.listeners.get(outcome.listener)
+            if listener is not None:
+                listener.strategy.live_failure(outcome.backend)  # health_aware_round_robin ejects at once
 
     def gauge_active(self, listener: int, backend: int, delta: int) -> None:
         key = (listener, backend)

@@ -482,6 +482,9 @@ class ClientConnection(Channel):
         view = self.view
         self._end_attempt(False)
         self.last_error = (kind, status, why, view.index)
+        # A backend failure (every kind here is one); its Outcome is recorded only once the retry has
+        # chosen (after retry_delay), and no other request may reach this backend meanwhile.
+        self.listener.strategy.live_failure(view.index)
         if not retryable or self.attempts >= self.listener.max_attempts or self.replay is None:
             self.respond(status, why, kind, view.index)
             return

@@ -7,6 +7,7 @@ Sans-I/O and single-threaded: the I/O loop owns one strategy per listener and ca
     started(index), finished(index)                              in-flight accounting
     response_headers(head, chosen) -> ((name, value), ...)       extra response headers (Set-Cookie)
     take_client_regions() -> {region: count}                     per report: requests by client region
+    live_failure(index)                                          a live request to it failed (the loop)
 
 `client_ip` is the TCP peer's address. Where the client's own address matters (`ip_hash`,
 `geographic`) a strategy looks behind trusted proxies itself through X-Forwarded-For, because only it
@@ -37,6 +38,10 @@ from net.snapshot import DRAINING, HALF_OPEN, UP, BackendView, PoolSnapshot
 from net.sticky import SessionSigner, SessionTable, set_cookie_header
 
 NOTHING_TRIED: frozenset[int] = frozenset()
+# Longest a backend stays out on the loop's own word after a live failure (health_aware_round_robin):
+# long enough for the control plane's snapshot to take over (one 50 ms report and a few actor hops),
+# short enough that a control plane that declined the ejection is not overruled for long.
+LOCAL_EJECTION_BRIDGE = 1.0  # seconds
 _XFF = b"x-forwarded-for"
 
 TrialGate = Callable[[int], bool]
@@ -162,6 +167,10 @@ class Strategy:
         for `lb traffic`; only `geographic` resolves regions, the others count nothing."""
         return {}
 
+    def live_failure(self, index: int) -> None:
+        """A request or connection to backend `index` just failed by `net.breaker.verdict`'s rule (the
+        loop calls this as it happens). Only `health_aware_round_robin` acts on it."""
+
     def _rebuild(self, routable: tuple[_Peer, ...]) -> None:
         raise NotImplementedError
 
@@ -174,8 +183,7 @@ class Strategy:
 
 
 class RoundRobin(Strategy):
-    """Strict rotation over routable backends, per request. Also `health_aware_round_robin`: the
-    control plane ejects and quarantines backends (they arrive here as not routable)."""
+    """Strict rotation over routable backends, per request."""
 
     def __init__(self, clock: Clock = time.time) -> None:
         super().__init__(clock)
@@ -187,6 +195,78 @@ class RoundRobin(Strategy):
     def choose(self, client_ip, head, exclude=NOTHING_TRIED):
         peer = self._rotation.next(exclude, self._trial_gate)
         return peer.view if peer is not None else None
+
+
+class HealthAwareRoundRobin(RoundRobin):
+    """Round robin that takes a backend out at its first live-traffic failure, before the control
+    plane hears of it (decisions.md section 4: "ejects a backend at once").
+
+    The control plane owns ejection and quarantine: the Backend actor sees the failure in the next
+    outcome report and the Listener actor publishes the backend DOWN for `quarantine_duration`. That
+    takes one report (up to 50 ms) and a few actor hops, during which the loop would keep sending
+    requests to the failing backend. So the loop ejects it locally at once, and the local ejection
+    only bridges that gap. It ends at the first of:
+    - a snapshot that shows the backend anything but UP (the control plane has taken over; from then
+      on the snapshots alone decide, so one showing it UP again after the quarantine wins at once);
+    - `min(quarantine_duration, LOCAL_EJECTION_BRIDGE)` seconds (the full bridge without a quarantine,
+      where the control plane still keeps an ejected backend out until its next passing check), in case
+      the control plane declined (e.g. it saw no other routable backend).
+    Snapshots that still show the backend UP do not end it: they may predate the failure. Failures
+    heard while a backend is out (requests already in flight) do not extend it, so the local
+    ejection lasts at most one bridge per failure seen while the backend was in: no flapping, no
+    permanent ejection.
+
+    As in the Listener actor: only an UP backend is ejected (a half-open one is the breaker's), never
+    the last routable one by this rule alone, and nothing is ejected with `exclude_unhealthy: false`
+    (the control plane would not take it out either).
+    """
+
+    def __init__(self, listener: ListenerConfig, clock: Clock = time.time, monotonic: Clock = time.monotonic) -> None:
+        super().__init__(clock)
+        self._monotonic = monotonic
+        self._ejects = listener.exclude_unhealthy
+        quarantine = listener.quarantine_duration
+        self._bridge = min(quarantine, LOCAL_EJECTION_BRIDGE) if quarantine > 0 else LOCAL_EJECTION_BRIDGE
+        self._routable: tuple[_Peer, ...] = ()
+        self._ejected: dict[int, float] = {}  # backend id -> monotonic time its local ejection ends
+        self._next_return = 0.0  # the earliest of those
+
+    def _rebuild(self, routable: tuple[_Peer, ...]) -> None:
+        self._routable = routable
+        if self._ejected:
+            still_up = {peer.index for peer in routable if peer.view.state == UP}
+            self._ejected = {index: until for index, until in self._ejected.items() if index in still_up}
+        self._rotate()
+
+    def _rotate(self) -> None:
+        """The rotation over the routable backends not ejected locally, resuming where it was."""
+        ejected = self._ejected
+        peers = tuple(peer for peer in self._routable if peer.index not in ejected) if ejected else self._routable
+        self._rotation = _Rotation(peers, self._rotation)
+        self._next_return = min(ejected.values(), default=0.0)
+
+    def choose(self, client_ip, head, exclude=NOTHING_TRIED):
+        if self._ejected:
+            self._end_bridges(self._monotonic())
+        return super().choose(client_ip, head, exclude)
+
+    def live_failure(self, index: int) -> None:
+        if not self._ejects:
+            return
+        now = self._monotonic()
+        self._end_bridges(now)
+        peer = self._by_index.get(index)
+        if peer is None or peer.view.state != UP or index in self._ejected:
+            return
+        if not any(other.index != index and other.index not in self._ejected for other in self._routable):
+            return  # the last routable backend stays in
+        self._ejected[index] = now + self._bridge
+        self._rotate()
+
+    def _end_bridges(self, now: float) -> None:
+        if self._ejected and now >= self._next_return:
+            self._ejected = {index: until for index, until in self._ejected.items() if until > now}
+            self._rotate()
 
 
 class SmoothWeighted(Strategy):
@@ -464,12 +544,16 @@ class Geographic(Strategy):
         return counts
 
 
-def make_strategy(listener: ListenerConfig, *, clock: Clock = time.time, session_key: bytes | None = None) -> Strategy:
+def make_strategy(listener: ListenerConfig, *, clock: Clock = time.time, session_key: bytes | None = None,
+                  monotonic: Clock = time.monotonic) -> Strategy:
     """The strategy for `listener`. `clock` gives wall-clock seconds (sticky cookies outlive the
-    process); `session_key` signs sticky cookies (pass `load_or_create_key(home)`)."""
+    process), `monotonic` the seconds that time local ejections; `session_key` signs sticky cookies
+    (pass `load_or_create_key(home)`)."""
     name = listener.strategy
-    if name in ("round_robin", "health_aware_round_robin"):
+    if name == "round_robin":
         return RoundRobin(clock)
+    if name == "health_aware_round_robin":
+        return HealthAwareRoundRobin(listener, clock, monotonic)
     if name in ("weighted_round_robin", "performance_based"):
         return SmoothWeighted(clock)
     if name == "least_connections":

@@ -9,6 +9,7 @@ from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolS
 from net.sticky import SessionSigner
 from net.strategies import (
     Geographic,
+    HealthAwareRoundRobin,
     IpHash,
     LeastConnections,
     RoundRobin,
@@ -771,7 +772,7 @@ def test_geographic_retry_stays_in_preference_order():
 def test_make_strategy_for_every_documented_name():
     expected = {
         "round_robin": RoundRobin,
-        "health_aware_round_robin": RoundRobin,
+        "health_aware_round_robin": HealthAwareRoundRobin,
         "weighted_round_robin": SmoothWeighted,
         "performance_based": SmoothWeighted,
         "least_connections": LeastConnections,
