@@ -209,8 +209,7 @@ def _nginx_http(pool: _Pool) -> list[str]:
     listener = pool.listener
     if not pool.members:
         return ["# this listener has no backends: nothing to export"]
-    lines, balance = _nginx_balance(pool)
-    upstream = [f"upstream {pool.name} {{"] + _indent(balance + _nginx_servers(pool)) + ["}", ""]
+    upstream = _nginx_upstream(pool)
     scheme = "https" if listener.backend_protocol == "https" else "http"
     location = [
         f"proxy_pass {scheme}://{pool.name};",
@@ -230,15 +229,20 @@ def _nginx_http(pool: _Pool) -> list[str]:
         "",
         "location / {",
     ] + _indent(location) + ["}"]
-    return lines + upstream + ["server {"] + _indent(server) + ["}"]
+    return upstream + ["server {"] + _indent(server) + ["}"]
+
+
+def _nginx_upstream(pool: _Pool) -> list[str]:
+    """The `upstream` block, preceded by the blocks its balancing needs; the same in http {} and stream {}."""
+    lines, balance = _nginx_balance(pool)
+    return lines + [f"upstream {pool.name} {{"] + _indent(balance + _nginx_servers(pool)) + ["}", ""]
 
 
 def _nginx_stream(pool: _Pool) -> list[str]:
     listener = pool.listener
     if not pool.members:
         return ["# this listener has no backends: nothing to export"]
-    lines, balance = _nginx_balance(pool)
-    upstream = [f"upstream {pool.name} {{"] + _indent(balance + _nginx_servers(pool)) + ["}", ""]
+    upstream = _nginx_upstream(pool)
     keep_alive = listener.connection_pool.keep_alive
     listen = _nginx_listen(listener)
     if keep_alive:
@@ -248,7 +252,7 @@ def _nginx_stream(pool: _Pool) -> list[str]:
         f"proxy_connect_timeout {_duration(listener.timeouts.connect)};",
         f"proxy_timeout {_duration(listener.connection_pool.idle_timeout)};",
     ] + _nginx_retries(listener, "on") + (["proxy_socket_keepalive on;"] if keep_alive else [])
-    return lines + upstream + ["server {"] + _indent(server) + ["}"]
+    return upstream + ["server {"] + _indent(server) + ["}"]
 
 
 def _nginx_balance(pool: _Pool) -> tuple[list[str], list[str]]:
