@@ -15,12 +15,14 @@ from net.loop import IOLoop
 from net.snapshot import UP, BackendView, PoolSnapshot
 
 
-def main() -> None:
-    addresses = [a.rsplit(":", 1) for a in os.environ["HTTP_BACKENDS"].split(",")]
+def serve(backends_variable: str, port_variable: str, default_port: str, **listener_options) -> None:
+    """Run one listener on 127.0.0.1:$port_variable over the host:port list in $backends_variable, all
+    UP, until SIGTERM or SIGINT. bench/ioloop_tcp.py runs its TCP listener through this too."""
+    addresses = [a.rsplit(":", 1) for a in os.environ[backends_variable].split(",")]
     backends = tuple(BackendConfig(host, int(port)) for host, port in addresses)
     loop = IOLoop(lambda report: None)
-    loop.add_listener(ListenerConfig(index=0, host="127.0.0.1", port=int(os.environ.get("LB_PORT", "8080")),
-                                     backends=backends))
+    loop.add_listener(ListenerConfig(index=0, host="127.0.0.1", port=int(os.environ.get(port_variable, default_port)),
+                                     backends=backends, **listener_options))
     loop.publish(PoolSnapshot(0, 1, tuple(BackendView(i, b.host, b.port, None, 1, UP)
                                           for i, b in enumerate(backends))))
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
@@ -29,6 +31,10 @@ def main() -> None:
     thread.start()
     while thread.is_alive():
         thread.join(0.5)
+
+
+def main() -> None:
+    serve("HTTP_BACKENDS", "LB_PORT", "8080")
 
 
 if __name__ == "__main__":
