@@ -1,6 +1,6 @@
 """performance_based end to end: real instances made slow or CPU-bound while traffic flows.
 
-The instances run tests/apps/tunable.py, whose delay and CPU burner are switched on its own port
+The instances run tests/apps/switchable.py, whose delay and CPU burner are switched on its own port
 (`/_admin/delay?ms=N`, `/_admin/burn?on=1`). Clients send requests through the balancer on a few
 keep-alive connections and record which instance answered each one; shares are measured over a
 sliding window of recent requests, with margins, and every wait is a deadline, not a sleep.
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
 
-TUNABLE = Path(__file__).resolve().parent / "apps" / "tunable.py"
+SWITCHABLE = Path(__file__).resolve().parent / "apps" / "switchable.py"
 INSTANCES = 3
 FAIR = 1 / INSTANCES
 
@@ -26,7 +26,7 @@ FAIR = 1 / INSTANCES
 def performance_config(tmp_path: Path, **balancing) -> tuple[Path, int, int]:
     lb_port = free_port()
     base = free_port_range(INSTANCES)
-    app = http_app_config(TUNABLE, "adaptive", INSTANCES, base)
+    app = http_app_config(SWITCHABLE, "adaptive", INSTANCES, base)
     app["health_check"] = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout": 1,
                            "failure_threshold": 1}
     app["load_balancer"] = {"strategy": "performance_based", "update_interval": 1, **balancing}

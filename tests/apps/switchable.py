@@ -1,5 +1,5 @@
-"""Test app: an HTTP backend whose health, answers and speed a test switches while it runs, and which
-counts what it was sent, so a test can prove that a backend got no request at all.
+"""Test app: an HTTP backend whose health, answers, speed and CPU load a test switches while it runs,
+and which counts what it was sent, so a test can prove that a backend got no request at all.
 
 Environment: PORT (required), PM2_INSTANCE_ID, HEALTHY_AFTER_MS (GET /health answers 503 during the
 first N ms after start: a slow-starting instance whose port serves at once; default 0).
@@ -8,6 +8,9 @@ Routes (every response carries `X-Backend: <port>`):
   GET /_admin/health?mode=ok|fail|hang  /health answers 200, answers 503, or never answers (hangs)
   GET /_admin/fail?on=1|0               every served request answers 500 (or stops doing so)
   GET /_admin/delay?ms=N                every served request waits N ms before its answer
+  GET /_admin/burn?on=1|0               start / stop a busy-looping child process (100 % of one CPU,
+                                        inside this instance's process tree, where the supervisor
+                                        samples CPU; it exits by itself when this process is gone)
   GET /_admin/stats                     JSON: requests served (counted on arrival, before the
                                         delay), the time.time() of the first one and of the first
                                         passing /health, and the pid
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +35,7 @@ INSTANCE = os.environ.get("PM2_INSTANCE_ID", "0")
 STARTED = time.monotonic()
 HEALTHY_AFTER = float(os.environ.get("HEALTHY_AFTER_MS", "0")) / 1000
 HANG_SECONDS = 60.0
+BURN_LOOP = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    pass\n"
 
 
 class State:
@@ -43,6 +49,7 @@ class State:
         self.requests = 0
         self.first_request_at: float | None = None
         self.first_health_pass_at: float | None = None
+        self.burner: subprocess.Popen | None = None
 
     def served(self) -> None:
         with self.lock:
@@ -54,6 +61,15 @@ class State:
         with self.lock:
             if self.first_health_pass_at is None:
                 self.first_health_pass_at = time.time()
+
+    def burn(self, on: bool) -> None:
+        with self.lock:
+            if on and self.burner is None:
+                self.burner = subprocess.Popen([sys.executable, "-c", BURN_LOOP])
+            elif not on and self.burner is not None:
+                self.burner.kill()
+                self.burner.wait()
+                self.burner = None
 
     def stats(self) -> dict:
         with self.lock:
@@ -80,6 +96,9 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path == "/_admin/delay":
             STATE.delay = int(query["ms"][0]) / 1000
             self._reply(f"delay {STATE.delay * 1000:g} ms\n")
+        elif url.path == "/_admin/burn":
+            STATE.burn(query.get("on", ["1"])[0] == "1")
+            self._reply(f"burning {STATE.burner is not None}\n")
         elif url.path == "/_admin/stats":
             self._reply(json.dumps(STATE.stats()), content_type="application/json")
         elif url.path == "/health":
