@@ -5,7 +5,6 @@ what they made at teardown.
 """
 from __future__ import annotations
 
-import dataclasses
 import http.client
 import socket
 import threading
@@ -86,10 +85,6 @@ def get(conn: http.client.HTTPConnection, path: str, method: str = "GET", **kw):
     conn.request(method, path, **kw)
     resp = conn.getresponse()
     return resp, resp.read()
-
-
-def replace(cfg, **changes):
-    return dataclasses.replace(cfg, **changes)
 
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:
