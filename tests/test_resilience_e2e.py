@@ -13,7 +13,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, http_app_config, wait_until, write_config
+from quietports import quiet_port, quiet_port_range
 from net.control import ControlClient
 
 SWITCHABLE = Path(__file__).resolve().parent / "apps" / "switchable.py"
@@ -34,44 +34,10 @@ CLIENT_A, CLIENT_B = "127.0.0.2", "127.0.0.3"  # two client addresses on the loo
 
 # --- configs --------------------------------------------------------------------------------------
 
-def _ephemeral_low() -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free ports, below the kernel's ephemeral range.
-
-    These tests open thousands of client and backend connections, each on an ephemeral local port;
-    a port picked from that range (conftest's free_port) can be taken by one of them (or by another
-    developer's run) before the instance binds it, and the instance then crashes at start."""
-    low = max(1024, _ephemeral_low() - 20000)
-    for _ in range(200):
-        base = random.randrange(low, _ephemeral_low() - count)
-        if all(_bindable(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports found")
-
-
-def free_port() -> int:
-    return free_port_range(1)
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def app_config(name: str, instances: int, *, health: dict | None = None, balancing: dict | None = None,
                env: dict | None = None) -> tuple[dict, int]:
     """A switchable app on free consecutive ports; `health` is its health_check block (GET /health)."""
-    base = free_port_range(instances)
+    base = quiet_port_range(instances)
     app = http_app_config(SWITCHABLE, name, instances, base)
     app["env"].update(env or {})
     if health is not None:
@@ -83,7 +49,7 @@ def app_config(name: str, instances: int, *, health: dict | None = None, balanci
 
 def balanced(tmp_path: Path, apps: list[dict], **listener) -> tuple[Path, int]:
     """A config with `apps` behind one HTTP listener on a free port."""
-    lb_port = free_port()
+    lb_port = quiet_port()
     balancer = {"port": lb_port, "host": "127.0.0.1", "apps": [app["name"] for app in apps], **listener}
     return write_config(tmp_path, {"apps": apps, "load_balancer": balancer}), lb_port
 
@@ -293,7 +259,7 @@ def test_kill_9_of_an_instance_under_load_fails_no_request_and_its_replacement_w
 
 @pytest.mark.timeout(60)
 def test_a_starting_instance_gets_no_traffic_before_its_first_passing_check(tmp_path, foreground_daemon, pmdaemon):
-    base = free_port_range(2)
+    base = quiet_port_range(2)
     app = http_app_config(SWITCHABLE, "web", 1, base)
     app["env"]["HEALTHY_AFTER_MS"] = 1500
     app["health_check"] = {"url": "http://localhost:{{PORT}}/health", "timeout": 1, "interval": 0.2,
@@ -695,7 +661,7 @@ def tcp_exchange(port: int, source: str) -> bytes:
 @pytest.mark.timeout(60)
 def test_a_tcp_listener_refuses_new_connections_over_the_rate_limit(tmp_path, foreground_daemon, pmdaemon):
     per_ip = 2
-    base = free_port_range(2)
+    base = quiet_port_range(2)
     app = {"name": "echo", "script": str(TCP_ECHO), "instances": 2, "increment_var": "PORT",
            "env": {"PORT": base}, "min_uptime": 200, "kill_timeout": 1000}
     config, lb_port = balanced(tmp_path, [app], type="tcp", rate_limiting={
@@ -721,8 +687,8 @@ def example_on_free_ports(tmp_path: Path, name: str) -> tuple[Path, dict, int, i
     data = json.loads((REPO / "examples" / name).read_text())
     app = data["apps"][0]
     old_base = app["env"]["PORT"]
-    base = app["env"]["PORT"] = free_port_range(app["instances"])
-    lb_port = free_port()
+    base = app["env"]["PORT"] = quiet_port_range(app["instances"])
+    lb_port = quiet_port()
     balancer = data.setdefault("load_balancer", {})
     balancer.update(port=lb_port, host="127.0.0.1")
     if "backend_ports" in balancer:
