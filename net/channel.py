@@ -12,10 +12,86 @@ known time; when it fires early the channel re-arms itself for the current deadl
 """
 from __future__ import annotations
 
+import math
+import select
 import socket
 from selectors import EVENT_READ, EVENT_WRITE
 
 INF = float("inf")
+_EPOLL_INTEREST = {EVENT_READ: select.EPOLLIN, EVENT_WRITE: select.EPOLLOUT,
+                   EVENT_READ | EVENT_WRITE: select.EPOLLIN | select.EPOLLOUT}
+
+
+class Poller:
+    """The loop's epoll set, with the part of the `selectors` API that the loop and its channels use
+    (`register`/`modify`/`unregister(sock)` with `EVENT_READ`/`EVENT_WRITE` and a data object, the
+    same KeyError rules), and a `poll` that skips `selectors`' per-event `SelectorKey` lookup and
+    mask arithmetic: the loop dispatches straight from `targets`.
+
+    `targets[fd] = (data, readable_on, writable_on, sock)`: an epoll event `ev` means "readable" when
+    `ev & readable_on` and "writable" when `ev & writable_on`. These masks are chosen at registration
+    so that the result is exactly what `selectors.EpollSelector.select` reports: any event but EPOLLOUT
+    alone is readable, any event but EPOLLIN alone is writable, each only if that interest is
+    registered (so EPOLLHUP/EPOLLERR wake both registered directions)."""
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self.targets: dict[int, tuple] = {}
+
+    @staticmethod
+    def _entry(sock, events: int, data) -> tuple:
+        return (data, ~select.EPOLLOUT if events & EVENT_READ else 0,
+                ~select.EPOLLIN if events & EVENT_WRITE else 0, sock)
+
+    def _fd(self, sock) -> int:
+        fd = sock.fileno()
+        if fd < 0:  # closed already: find it by object, as selectors does
+            for known, entry in self.targets.items():
+                if entry[3] is sock:
+                    return known
+            raise KeyError(f"{sock!r} is not registered")
+        return fd
+
+    def register(self, sock, events: int, data) -> None:
+        fd = self._fd(sock)
+        if fd in self.targets:
+            raise KeyError(f"{sock!r} (fd {fd}) is already registered")
+        self._epoll.register(fd, _EPOLL_INTEREST[events])
+        self.targets[fd] = self._entry(sock, events, data)
+
+    def modify(self, sock, events: int, data) -> None:
+        fd = self._fd(sock)
+        if fd not in self.targets:
+            raise KeyError(f"{sock!r} is not registered")
+        self._epoll.modify(fd, _EPOLL_INTEREST[events])
+        self.targets[fd] = self._entry(sock, events, data)
+
+    def unregister(self, sock) -> None:
+        fd = self._fd(sock)
+        del self.targets[fd]  # KeyError if not registered
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # closed under us: epoll already forgot it
+
+    def poll(self, timeout: float | None) -> list[tuple]:
+        """Ready `(targets entry, epoll events)` pairs. Entries are resolved here, before any handler
+        runs: a handler may close a socket whose fd a new socket reuses within the same batch, and
+        the old entry (its `closed` target) must get that batch's stale event, not the new one.
+        `timeout` is rounded up to whole milliseconds (epoll's unit), as `selectors` does."""
+        if timeout is None:
+            timeout = -1
+        elif timeout <= 0:
+            timeout = 0
+        else:
+            timeout = math.ceil(timeout * 1e3) * 1e-3
+        targets = self.targets
+        ready = self._epoll.poll(timeout, max(len(targets), 1))
+        return [(targets[fd], ev) for fd, ev in ready if fd in targets]
+
+    def close(self) -> None:
+        self._epoll.close()
+        self.targets.clear()
 
 
 class Channel:

@@ -1,4 +1,4 @@
-"""The data plane: one thread, one selector (epoll), every client and backend socket.
+"""The data plane: one thread, one selector (epoll, `net.channel.Poller`), every client and backend socket.
 
 Other threads talk to the loop only through `add_listener`, `replace_listener`, `remove_listener`,
 `publish` and `stop`: each puts a call on a queue and writes one byte to a wake-up socketpair (trio's
@@ -17,14 +17,15 @@ import ipaddress
 import itertools
 import logging
 import queue
-import selectors
 import socket
 import time
 from functools import partial
+from selectors import EVENT_READ
 from typing import Callable
 
 from actors.messages import LoopReport
 from net.breaker import TrialSlots, verdict
+from net.channel import Poller
 from net.config import ListenerConfig
 from net.listeners import ListenerTls, make_listener
 from net.proxy import HttpListener
@@ -84,7 +85,7 @@ class IOLoop:
         """`strategy_factory(listener_cfg) -> Strategy`; defaults to net.strategies.make_strategy."""
         self.on_report = on_report
         self._strategy_factory = strategy_factory or make_strategy
-        self.selector = selectors.DefaultSelector()
+        self.selector = Poller()
         self.now = time.monotonic()
         self.listeners: dict[int, HttpListener] = {}
         self.outcomes: list[Outcome] = []
@@ -104,7 +105,7 @@ class IOLoop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self._waker = _Waker(self, self._wake_r)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._waker)
+        self.selector.register(self._wake_r, EVENT_READ, self._waker)
 
     # ---- thread-safe API -------------------------------------------------------------------
     def add_listener(self, cfg: ListenerConfig) -> None:
@@ -185,7 +186,7 @@ class IOLoop:
         self.listeners[cfg.index] = listener
         self._trials[cfg.index] = TrialSlots()
         self.client_connections.setdefault(cfg.index, 0)
-        self.selector.register(sock, selectors.EVENT_READ, listener)
+        self.selector.register(sock, EVENT_READ, listener)
 
     def _swap_listener(self, cfg: ListenerConfig, strategy, tls: ListenerTls) -> None:
         old = self.listeners.get(cfg.index)
@@ -195,7 +196,7 @@ class IOLoop:
         listener.take_over(old)
         self.listeners[cfg.index] = listener
         try:
-            self.selector.modify(old.sock, selectors.EVENT_READ, listener)
+            self.selector.modify(old.sock, EVENT_READ, listener)
         except KeyError:
             pass  # a TCP listener at its connection cap is not registered; it re-registers itself
 
@@ -252,11 +253,10 @@ class IOLoop:
     def run(self) -> None:
         """Serve until stop(). Call from the thread that owns the loop."""
         self._running = True
-        select = self.selector.select
+        poll = self.selector.poll
         timers = self._timers
         soon = self._soon
         monotonic = time.monotonic
-        READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
         try:
             self.run_calls()
             while not self._stopping:
@@ -267,14 +267,13 @@ class IOLoop:
                 if self.outcomes or self.gauges_changed:
                     wait = max(0.0, self._last_report + REPORT_INTERVAL - now)
                     timeout = wait if timeout is None else min(timeout, wait)
-                ready = select(timeout)
+                ready = poll(timeout)
                 self.now = now = monotonic()
-                for key, mask in ready:
-                    target = key.data
+                for (target, readable_on, writable_on, _sock), events in ready:
                     try:
-                        if mask & READ and not target.closed:
+                        if events & readable_on and not target.closed:
                             target.on_readable()
-                        if mask & WRITE and not target.closed:
+                        if events & writable_on and not target.closed:
                             target.on_writable()
                         while soon:
                             fn, args = soon.pop(0)
