@@ -12,18 +12,13 @@
 #   bench/run.sh startup         bench/startup.py: start-to-online for 1/8/32 instances, idle daemon
 #   bench/run.sh profile         py-spy of the daemon under wrk -c64 (top functions, text)
 #
-# Variants. anchors.sh measures one LB_CMD per invocation, so a variant is measured in its own
-# invocation, ONLY="$VONLY" (direct-nginx, haproxy-t1, ours), and so is the plain listener; the
-# invocations alternate plain, resilience, monitoring (VROUNDS times). Every invocation measures
-# HAProxy with one thread too, so besides the raw ratio of our CPU us/req (variant / plain, from two
-# invocations minutes apart) the summary gives the drift-corrected ratio
-#     (ours_variant / haproxy_variant) / (ours_plain / haproxy_plain)
-# whose both halves are same-run ratios: machine drift between invocations cancels out.
-# During the monitoring variant /metrics is scraped every SCRAPE_EVERY seconds (Prometheus' default
-# is 15 s), so the export is exercised, not just enabled.
-#
+# Variants (resilience, monitoring) are measured by bench/ab.sh, not anchors.sh: anchors.sh measures
+# one LB_CMD per invocation, and invocations minutes apart drift by more than the 10% these bars
+# allow. ab.sh runs the plain, resilience and monitoring configs as three daemons at once (ports
+# 8080-8082) and alternates short wrk runs between them, so each round's ratio is taken within the
+# same minute; see its header.
 # Knobs (env): DUR=5 RUNS=3 CONNS="64 8" HONLY (main run; anchors.sh's own knobs such as QUIET, PIN,
-#   REDIS_N pass through), VDUR=5 VRUNS=3 VCONNS=64 VROUNDS=1 VONLY (variants), SCRAPE_EVERY=5,
+#   REDIS_N pass through), VDUR=4 VCONNS=64 VROUNDS=7 (variants: ab.sh's DUR, CONNS, ROUNDS), SCRAPE_EVERY=5,
 #   RESULTS=bench/results/<UTC date-time> (tables are copied there; raw logs of every anchors.sh
 #   run stay in /tmp/pmdaemon-bench-*/, printed at the end),
 #   PORT_WAIT=600 (seconds to wait for another run of anchors.sh to free ports 3000/8080/...),
@@ -34,17 +29,16 @@ set -u
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel); BENCH=$ROOT/bench
 ANCHORS=$ROOT/../shared/bench/anchors.sh
 DUR=${DUR:-5} RUNS=${RUNS:-3} CONNS=${CONNS:-"64 8"}
-VDUR=${VDUR:-5} VRUNS=${VRUNS:-3} VCONNS=${VCONNS:-64} VROUNDS=${VROUNDS:-1}
+VDUR=${VDUR:-4} VCONNS=${VCONNS:-64} VROUNDS=${VROUNDS:-7}
 HONLY=${HONLY:-'^(direct-nginx|nginx-w1|haproxy-t1|ours|redis-direct|haproxy-tcp|ours-tcp)$'}
-VONLY=${VONLY:-'^(direct-nginx|haproxy-t1|ours)$'} SCRAPE_EVERY=${SCRAPE_EVERY:-5}
+SCRAPE_EVERY=${SCRAPE_EVERY:-5}
 PORT_WAIT=${PORT_WAIT:-600}
 export QUIET_WAIT=${QUIET_WAIT:-15} RETRY=${RETRY:-1}  # anchors.sh's: bounded, so a busy machine cannot stretch the run
 RESULTS=${RESULTS:-$BENCH/results/$(date -u +%Y%m%dT%H%M%SZ)}
 TMP=$(mktemp -d /tmp/pmdaemon-bench-XXXXXX)
 command -v pmdaemon >/dev/null || { echo "pmdaemon not on PATH: pip install -e $ROOT"; exit 1; }
-mkdir -p "$RESULTS"; MODES=("$@"); [ ${#MODES[@]} -gt 0 ] || MODES=(http variants tls idle startup)
-SCRAPER=
-cleanup() { [ -n "$SCRAPER" ] && kill "$SCRAPER" 2>/dev/null; rm -rf "$TMP"/home-*; }
+mkdir -p "$RESULTS"; MODES=("$@"); [ ${#MODES[@]} -gt 0 ] || MODES=(http variants tls idle startup profile)
+cleanup() { rm -rf "$TMP"/home-*; }
 trap cleanup EXIT; trap 'exit 130' INT TERM
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -69,36 +63,12 @@ run_http() {
   cp "$out/meta.txt" "$RESULTS/http-tcp.meta"; grep -h "" "$out"/log/ours*.log >"$RESULTS/http-tcp.ours.log" 2>/dev/null
 }
 
-monitoring_config() { # the committed config with the Prometheus endpoint moved to a free port
-  python3 - "$BENCH/anchors-http-monitoring.json" "$1" "$2" <<'EOF'
-import json, sys
-config = json.load(open(sys.argv[1]))
-config["load_balancer"]["monitoring"]["export"]["prometheus"]["port"] = int(sys.argv[3])
-json.dump(config, open(sys.argv[2], "w"), indent=2)
-EOF
-}
-
 run_variants() {
-  echo "== variants (VDUR=$VDUR VRUNS=$VRUNS VCONNS=$VCONNS VROUNDS=$VROUNDS ONLY=$VONLY)"
-  local round name cfg out mport; : >"$TMP/variants.list"
-  for round in $(seq "$VROUNDS"); do
-    for name in plain resilience monitoring; do
-      wait_ports || return 1
-      cfg=$BENCH/anchors-http-$name.json; [ "$name" = plain ] && cfg=$BENCH/anchors-http.json
-      if [ "$name" = monitoring ]; then
-        mport=$(free_port); cfg=$TMP/anchors-http-monitoring.json; monitoring_config "$cfg" "$mport"
-        ( while sleep "$SCRAPE_EVERY"; do curl -s -o /dev/null --max-time 2 "http://127.0.0.1:$mport/metrics"; done ) &
-        SCRAPER=$!
-      fi
-      out=$TMP/variant-$name-r$round; echo "-- $name round $round ($cfg)"
-      OUT=$out DUR=$VDUR RUNS=$VRUNS CONNS=$VCONNS TCP=0 ONLY=$VONLY LB_PORT=8080 \
-        LB_CMD="$(lb_cmd "$cfg")" bash "$ANCHORS" >/dev/null
-      if [ -n "$SCRAPER" ]; then kill "$SCRAPER" 2>/dev/null; wait "$SCRAPER" 2>/dev/null; SCRAPER=; fi
-      cat "$out/table.md"; printf '%s\t%s\t%s\n' "$name" "$round" "$out" >>"$TMP/variants.list"
-      cp "$out/table.md" "$RESULTS/variant-$name-r$round.md"
-    done
-  done
-  python3 "$BENCH/variants_summary.py" "$TMP/variants.list" | tee "$RESULTS/variants.md"
+  echo "== variants: bench/ab.sh plain vs resilience vs monitoring (VDUR=$VDUR VROUNDS=$VROUNDS VCONNS=$VCONNS)"
+  wait_ports 8081 8082 || return 1
+  DUR=$VDUR ROUNDS=$VROUNDS CONNS=$VCONNS SCRAPE_EVERY=$SCRAPE_EVERY bash "$BENCH/ab.sh" \
+    plain="$BENCH/anchors-http.json" resilience="$BENCH/anchors-http-resilience.json" \
+    monitoring="$BENCH/anchors-http-monitoring.json" | tee "$RESULTS/variants.md"
 }
 
 run_profile() { # two py-spy samplers (all non-idle threads; GIL holders only) on the daemon started by
