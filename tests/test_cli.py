@@ -48,7 +48,7 @@ def _run_in_terminal(pmdaemon, *args: str, env: dict | None = None, timeout: flo
 
 @pytest.fixture
 def web_config(tmp_path, app_script):
-    base = free_port_range(3)
+    base = free_port_range(5)  # test_scale_up_and_down runs 5
     return write_config(tmp_path, {"apps": [http_app_config(app_script, "web", 3, base)]}), base
 
 
