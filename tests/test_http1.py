@@ -304,3 +304,41 @@ def test_feed_whole_raises_what_next_event_raises():
     with pytest.raises(HttpError) as exc:
         reader.feed_whole(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n")
     assert exc.value.status == 502
+
+
+def test_a_repeated_request_head_gives_the_same_request_again():
+    """Each reader remembers its last head (`_HeadMemo`): byte-identical heads in a row are not parsed
+    twice, and what comes out is what parsing gives."""
+    reader = RequestReader()
+    get = b"GET /a HTTP/1.1\r\nHost: x\r\nCookie: s=1\r\n\r\n"
+    first, second = [], []
+    for out in (first, second):
+        reader.start_next()
+        out += events(reader, get)
+    third = events(reader, b"")  # PAUSED: nothing more until start_next
+    reader.start_next()
+    post = events(reader, b"POST /a HTTP/1.1\r\nHost: x\r\nCookie: s=1\r\nContent-Length: 2\r\n\r\nhi")
+    for evs in (first, second):
+        head = evs[0]
+        assert (head.method, head.target, head.host, head.cookie("s"), head.content_length) == (b"GET", b"/a", b"x", "1", 0)
+        assert evs[1:] == [END]
+    assert third == []
+    assert (post[0].method, post[0].content_length, post[1:]) == (b"POST", 2, [b"hi", END])
+
+
+def test_a_repeated_response_head_is_framed_by_its_own_request_method():
+    """The same response head bytes mean a 2-byte body after GET and no body after HEAD: the
+    remembered head is only reused for the same request method."""
+    reader = ResponseReader()
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
+    reader.start(b"GET")
+    head, body = reader.feed_whole(resp + b"ok")
+    assert (head.content_length, body) == (2, b"ok")
+    reader.start(b"HEAD")
+    head, body = reader.feed_whole(resp)
+    assert (head.content_length, body) == (0, b"")
+    reader.start(b"GET")
+    assert reader.feed_whole(resp) is None  # body still to come: framed by Content-Length again
+    assert reader.next_event().content_length == 2
+    reader.feed(b"ok")
+    assert [reader.next_event(), reader.next_event()] == [b"ok", END]
