@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from quietports import quiet_port, quiet_port_range
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "cli"]
 DEFAULT_TIMEOUT = 30.0
@@ -47,28 +48,13 @@ pytest_plugins = ("proxyharness",)
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
+    """A TCP port on 127.0.0.1 that was free a moment ago, below the ephemeral range (tests/quietports.py)."""
+    return quiet_port()
 
 
 def free_port_range(count: int) -> int:
-    """The first of `count` consecutive free ports (for apps with increment_var)."""
-    for _ in range(200):
-        base = free_port()
-        if base + count < 65536 and all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports found")
+    """The first of `count` consecutive free ports (for apps with increment_var), below the ephemeral range."""
+    return quiet_port_range(count)
 
 
 def write_config(directory: Path, data: dict, name: str = "pmdaemon.json") -> Path:
