@@ -82,6 +82,7 @@ STATE = State()
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # head and body are two writes: no delayed-ACK stall on keep-alive
     wbufsize = 64 * 1024  # head and body leave in one write (flushed after each request), no Nagle stall
 
     def do_GET(self) -> None:
