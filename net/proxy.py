@@ -678,15 +678,7 @@ class ClientConnection(Channel):
         self.keep_client = keep
         self.resp = resp
         self.status = resp.status
-        # The status line and end-to-end fields depend only on `resp`, which is read-only; the reader
-        # returns the same object for a byte-identical head (net/http1.py _HeadMemo), so the bytes
-        # filtered last time on this backend connection are reused for it.
-        up = self.up
-        last, filtered = up.relayed_head
-        if resp is not last:
-            filtered = b"".join(self._filtered_response(resp, False))
-            up.relayed_head = (resp, filtered)
-        parts = [filtered]
+        parts = self._filtered_response(resp, False)
         if self.listener.adds_response_headers:
             for name, value in self.listener.strategy.response_headers(head, self.view):
                 parts += (name, b": ", value, CRLF)

@@ -26,7 +26,7 @@ RECV_SIZE = 65536
 
 
 class BackendConnection(Channel):
-    __slots__ = ("pool", "view", "key", "owner", "connected", "reused", "reader", "received", "relayed_head")
+    __slots__ = ("pool", "view", "key", "owner", "connected", "reused", "reader", "received")
 
     def __init__(self, pool: "UpstreamPool", view: BackendView, address: tuple, owner):
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -42,9 +42,6 @@ class BackendConnection(Channel):
         self.reused = False
         self.reader = ResponseReader()
         self.received = 0  # response bytes received for the current request
-        # The owner's memo of the last response head from here and its forwardable form (net/proxy.py
-        # ClientConnection._response_head): kept here because the reader's head object is per connection.
-        self.relayed_head: tuple = (None, b"")
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
             self.loop.call_soon(self._connect_failed, OSError(err, errno.errorcode.get(err, "connect")))
