@@ -154,7 +154,7 @@ class ClientConnection(Channel):
     __slots__ = ("listener", "ip", "ip_bytes", "forwarded_for", "reader", "state", "head_since", "pumping", "head",
                  "t_head", "latency", "bytes_in", "bytes_out", "request_done", "replay", "replay_size",
                  "attempts", "exclude", "view", "up", "up_ready", "resp", "sent_to_client",
-                 "keep_client", "last_error", "retry_timer", "status", "eof", "forwarded")
+                 "keep_client", "last_error", "retry_timer", "status", "eof")
 
     def __init__(self, listener: HttpListener, sock: socket.socket, ip: str):
         sock.setblocking(False)
@@ -171,8 +171,6 @@ class ClientConnection(Channel):
         self.eof = False
         self.up: BackendConnection | None = None
         self.retry_timer = None
-        # (head, listener, bytes) of the last forwarded head: see _begin
-        self.forwarded: tuple = (None, None, b"")
         self._reset_exchange()
         listener.connections.add(self)
         self.loop.gauge_clients(listener.index, 1)
@@ -363,13 +361,7 @@ class ClientConnection(Channel):
             if wait:
                 self.respond(429, "rate limit exceeded", "rate_limited", retry_after=wait)
                 return
-        # The forwarded head depends only on the head, the listener's settings and this connection's
-        # client address, and heads are read-only: the reader hands out the same head object for a
-        # byte-identical head (net/http1.py _HeadMemo), so the same bytes are reused for it.
-        last_head, last_listener, fwd = self.forwarded
-        if head is not last_head or listener is not last_listener:
-            fwd = self._forward_head(head)
-            self.forwarded = (head, listener, fwd)
+        fwd = self._forward_head(head)
         self.replay = [fwd]
         self.replay_size = len(fwd)
         # Validate what already arrived of the body before anything reaches a backend.
