@@ -24,8 +24,6 @@ Hot-path notes: heads are checked with `bytes.translate`/`count` and their field
 one regex `findall` (C loops, not a Python loop per line). Header fields are kept in arrival order
 as `(lowercase name, raw line)` pairs, so duplicates stay visible, forwarding a kept header is
 joining its raw line, and values are sliced out (`field_value`) only for the few fields read.
-Each reader remembers the last head it parsed (`_HeadMemo`): a keep-alive connection often carries
-byte-identical heads one after another, and those are not parsed again.
 """
 from __future__ import annotations
 
@@ -297,32 +295,6 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     return resp
 
 
-class _HeadMemo:
-    """The last head a reader parsed, by its exact bytes.
-
-    Why: on a keep-alive connection the same head often comes again and again (a client polling one
-    URL; a backend answering it, whose heads change only with the Date header, once a second), and
-    parsing a head is the largest part of the per-request cost in Python. Why this is equivalent:
-    `parse_request_head` and `parse_response_head` are pure functions of the head bytes and the other
-    key parts (max_fields; the request method), heads are read-only once parsed (nothing in the proxy
-    or the strategies assigns to them), so handing out the same object again gives the same results.
-    A head that fails validation raises and is not remembered. One entry per reader: bounded memory,
-    and a miss costs one bytes comparison."""
-
-    __slots__ = ("raw", "key", "head")
-
-    def __init__(self):
-        self.raw = self.key = self.head = None
-
-    def get(self, raw: bytes, key):
-        if raw == self.raw and key == self.key:
-            return self.head
-        return None
-
-    def put(self, raw: bytes, key, head) -> None:
-        self.raw, self.key, self.head = raw, key, head
-
-
 class _Reader:
     """Buffer + body framer shared by both directions. Subclasses parse the head."""
 
@@ -475,14 +447,13 @@ class _Reader:
 class RequestReader(_Reader):
     """Client side. `next_event()` -> RequestHead | bytes | END | NEED_DATA | PAUSED; raises HttpError."""
 
-    __slots__ = ("max_header_size", "max_fields", "head_started", "_memo")
+    __slots__ = ("max_header_size", "max_fields", "head_started")
 
     def __init__(self, max_header_size: int = 32 * 1024, max_body: int | None = None,
                  max_fields: int = MAX_FIELDS):
         super().__init__(400, max_body, max_header_size)
         self.max_header_size = max_header_size
         self.max_fields = max_fields
-        self._memo = _HeadMemo()
 
     def next_event(self):
         if self._state != _HEAD:
@@ -515,11 +486,7 @@ class RequestReader(_Reader):
             raise HttpError(414, "request line longer than 8 KiB")
         if end - eol > self.max_header_size:
             raise HttpError(431, "request header block too large")
-        raw = buf[:end]
-        head = self._memo.get(raw, self.max_fields)
-        if head is None:
-            head = parse_request_head(raw, self.max_fields)
-            self._memo.put(raw, self.max_fields, head)
+        head = parse_request_head(buf[:end], self.max_fields)
         self._buf = buf[end + 4:]
         self._begin_body(head.chunked, head.content_length)
         return head
@@ -543,14 +510,13 @@ class RequestReader(_Reader):
 class ResponseReader(_Reader):
     """Backend side, one response per `start(method)`; 1xx heads are returned and parsing goes on."""
 
-    __slots__ = ("_method", "head", "_parsed", "_memo")
+    __slots__ = ("_method", "head", "_parsed")
 
     def __init__(self, max_header_size: int = 64 * 1024):
         super().__init__(502, None, max_header_size)
         self._method = b"GET"
         self.head: ResponseHead | None = None
         self._parsed: ResponseHead | None = None  # a head `feed_whole` parsed; next_event returns it first
-        self._memo = _HeadMemo()
         self._state = _DONE
         self._left = -1
 
@@ -577,7 +543,7 @@ class ResponseReader(_Reader):
         if end < 0:
             self._buf = data
             return None
-        head = self._parse_head(data[:end])
+        head = parse_response_head(data[:end], self._method)
         self._scanned = 0
         self._buf = buf = data[end + 4:]
         if head.status >= 200:  # what next_event() does on a final head
@@ -614,20 +580,12 @@ class ResponseReader(_Reader):
                 raise HttpError(502, "response head too large")
             return NEED_DATA
         self._scanned = 0
-        head = self._parse_head(buf[:end])
+        head = parse_response_head(buf[:end], self._method)
         self._buf = buf[end + 4:]
         if head.status < 200:
             return head  # interim (1xx): the state stays _HEAD; 101 ends HTTP on this connection
         self.head = head
         self._begin_body(head.chunked, head.content_length, head.until_close)
-        return head
-
-    def _parse_head(self, raw: bytes) -> ResponseHead:
-        """`parse_response_head(raw, method)`, or the same head as last time for the same bytes."""
-        head = self._memo.get(raw, self._method)
-        if head is None:
-            head = parse_response_head(raw, self._method)
-            self._memo.put(raw, self._method, head)
         return head
 
     def feed_eof(self) -> str:
