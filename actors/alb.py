@@ -24,7 +24,17 @@ Theory of operation
   A failed call leaves the wanted state as it is and is retried with backoff (Timers).
 - Endpoint: the `PMDAEMON_AWS_ENDPOINT_URL` environment variable, else `aws.alb.endpoint_url`,
   else AWS itself. Region: the one in the target group ARN. Credentials: boto3's usual chain.
-- When the actor stops (daemon shutdown) it deregisters whatever is still registered.
+- Planned stops deregister first (`deregister_and_wait`): `pmdaemon stop/restart/delete`, the rolling
+  `reload` (per instance, after pmdaemon's own drain) and `scale` down take the instances' targets
+  out, then wait on the calling control thread until ALB has drained them (the deregistration delay,
+  less what already passed since an earlier `lb drain`; at most PLANNED_WAIT_MAX so a command
+  answers within the CLI's timeouts), and only then stop them. Such a target stays out until the
+  instance's status next changes (stopping, ...), so a restarted instance is registered again once
+  online; `lb enable` also puts it back. A crash cannot wait: its target is deregistered after.
+- Daemon shutdown (`pmdaemon kill`, SIGTERM): every target is deregistered at once and the daemon
+  waits for the longest deregistration delay still running, at most SHUTDOWN_WAIT_MAX (the CLI gives
+  a `kill` 60 s, which must also cover the instances' kill_timeout), then stops the instances.
+- When the actor stops it deregisters whatever is still registered.
 """
 from __future__ import annotations
 
@@ -32,9 +42,10 @@ import importlib
 import logging
 import os
 import socket
+import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import pykka
 
@@ -51,6 +62,8 @@ RETRY_FIRST = 1.0  # seconds before retrying a failed AWS call; doubles up to RE
 RETRY_MAX = 60.0
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 15.0
+PLANNED_WAIT_MAX = 60.0  # seconds a planned stop waits for ALB's draining, at most (see the docstring)
+SHUTDOWN_WAIT_MAX = 30.0  # seconds daemon shutdown waits for it, at most
 MISSING_BOTO3 = ("{where}: registering instances in an ALB target group needs boto3, which is not installed; "
                  "install the AWS extra: pip install 'pmdaemon[aws]' (or pip install boto3)")
 
@@ -144,6 +157,20 @@ def set_draining(registrar: pykka.ActorRef | None, backend: str, drain: bool) ->
     return registrar.proxy().set_draining(backend, drain).get(timeout=ASK_TIMEOUT)
 
 
+def deregister_and_wait(registrar: pykka.ActorRef | None, instance_names: Iterable[str],
+                        wait: Callable[[float], object] = time.sleep, limit: float = PLANNED_WAIT_MAX) -> float:
+    """Before a planned stop: deregister these instances' targets, then `wait` (on the caller's thread)
+    until ALB has drained them, at most `limit` seconds. Returns the seconds waited (0 without ALB targets)."""
+    names = list(instance_names)
+    if registrar is None or not names:
+        return 0.0
+    seconds = min(limit, registrar.proxy().deregister(names).get(timeout=ASK_TIMEOUT))
+    if seconds > 0:
+        log.info("ALB: waiting %.3g s for the targets of %s to drain before stopping them", seconds, ", ".join(names))
+        wait(seconds)
+    return seconds
+
+
 class AlbRegistrar(pykka.ThreadingActor):
     def __init__(self, timers: Timers):
         super().__init__()
@@ -152,7 +179,9 @@ class AlbRegistrar(pykka.ThreadingActor):
         self._groups: dict[str, AlbSettings] = {}  # target group ARN -> the settings that name it (kept)
         self._instances: dict[str, _Instance] = {}
         self._drained: set[str] = set()
+        self._leaving: set[str] = set()  # about to be stopped: out of the group until their status changes
         self._registered: set[Target] = set()
+        self._deregistered_at: dict[Target, float] = {}  # time.monotonic() of each target's last deregistration
         self._configured_groups: set[str] = set()
         self._clients: dict[tuple[str, str | None], object] = {}
         self._default_id: str | None = None
@@ -180,8 +209,21 @@ class AlbRegistrar(pykka.ThreadingActor):
                 self._drained.add(name)
             else:
                 self._drained.discard(name)
+                self._leaving.discard(name)
         self._reconcile()
         return [self._row(name) for name in names]
+
+    def deregister(self, names: list[str]) -> float:
+        """A planned stop of these instances: take their targets out now. Returns how long ALB still drains
+        the one that left last (its deregistration delay from the moment it left; 0 if none was registered)."""
+        known = [name for name in names if name in self._instances]
+        self._leaving.update(known)
+        self._reconcile()
+        now = time.monotonic()
+        remaining = [self._deregistered_at[target] + self._apps[self._instances[name].app].deregistration_delay - now
+                     for name in known if self._instances[name].status == ONLINE
+                     and (target := self._target(name)) in self._deregistered_at]
+        return max([0.0, *remaining])
 
     # --- messages ---
 
@@ -195,6 +237,8 @@ class AlbRegistrar(pykka.ThreadingActor):
                     self._drained.discard(name)
                 else:
                     self._instances[name] = _Instance(app, status, port)
+                if removed or status != ONLINE:
+                    self._leaving.discard(name)  # its stop began: back in the group once online again
                 self._reconcile()
             case Tick(key="retry"):
                 self._retry_pending = False
@@ -219,7 +263,7 @@ class AlbRegistrar(pykka.ThreadingActor):
 
     def _wanted(self) -> set[Target]:
         return {self._target(name) for name, instance in self._instances.items()
-                if instance.status == ONLINE and name not in self._drained}
+                if instance.status == ONLINE and name not in self._drained and name not in self._leaving}
 
     def _reconcile(self) -> None:
         wanted = self._wanted()
@@ -229,11 +273,14 @@ class AlbRegistrar(pykka.ThreadingActor):
         for arn, targets in _by_group(stale).items():
             if self._call("deregister_targets", arn, targets, tolerate="InvalidTarget"):
                 self._registered.difference_update(targets)
+                self._deregistered_at.update(dict.fromkeys(targets, time.monotonic()))
             else:
                 ok = False
         for arn, targets in _by_group(missing).items():
             if self._call("register_targets", arn, targets):
                 self._registered.update(targets)
+                for target in targets:
+                    self._deregistered_at.pop(target, None)
             else:
                 ok = False
         if ok:

@@ -478,6 +478,7 @@ class Daemon:
 
         target = _arg_str(args, "target")
         supervisor = self._supervisor()
+        self.runtime.leave_alb(target)  # an ALB stops sending to them first (actors/alb.py)
         try:
             names = getattr(supervisor, verb)(target).get(timeout=ASK_TIMEOUT)
         except UnknownTarget as exc:

@@ -12,6 +12,8 @@ Where an instance serves is a list of `Seat`s: one per listener whose pool holds
   `DRAIN_SETTLE` after the drain is published: the loop applies a snapshot within one turn and
   reports its gauges every 50 ms, so a request that started just before the drain took effect is
   counted by then.
+- leave the ALB: an instance of an app with `aws.alb` has its target deregistered and the step waits
+  for ALB's draining (actors/alb.py, `deregister_and_wait`; cut short when the daemon shuts down).
 - restart: the supervisor restarts the instance (SIGTERM, SIGKILL after kill_timeout, spawn on the
   same port); the step returns once the supervisor has settled it, so every InstanceEvent of the
   restart is already queued to the Listeners before readiness is asked.
@@ -34,6 +36,7 @@ from typing import Callable, Sequence
 
 import pykka
 
+from actors.alb import deregister_and_wait
 from net.config import HealthCheckConfig
 
 ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
@@ -78,15 +81,18 @@ class Rollout:
     """The steps, bound to one Runtime's supervisor, pools and gauges.
 
     `seats(name)` lists where an instance serves now, `in_flight(listener_index, backend_id)` is the
-    last reported gauge, `cancelled` is set when the daemon shuts down (a waiting step then aborts).
+    last reported gauge, `cancelled` is set when the daemon shuts down (a waiting step then aborts),
+    `alb` is the AlbRegistrar (None when no app has `aws.alb`).
     """
 
     def __init__(self, supervisor: pykka.ActorRef, seats: Callable[[str], list[Seat]],
-                 in_flight: Callable[[int, int], int], cancelled: threading.Event):
+                 in_flight: Callable[[int, int], int], cancelled: threading.Event,
+                 alb: pykka.ActorRef | None = None):
         self._supervisor = supervisor.proxy()
         self._seats = seats
         self._in_flight = in_flight
         self._cancelled = cancelled
+        self._alb = alb
 
     # --- whole operations ---
 
@@ -107,6 +113,7 @@ class Rollout:
         seats = self._seats(instance.name)
         operator_drained = self.drain(seats, instance.kill_timeout)
         try:
+            self.leave_alb([instance.name])
             self.restart(instance)
             self.wait_ready({instance.name: (instance, seats)})
         finally:
@@ -115,9 +122,10 @@ class Rollout:
 
     def drain_out(self, instances: Sequence[Instance]) -> None:
         """Drain every seat of these instances at once (scale down, removal); returns when none has a
-        request in flight or the longest kill_timeout has passed."""
+        request in flight or the longest kill_timeout has passed, and ALB has drained their targets."""
         seats = [seat for instance in instances for seat in self._seats(instance.name)]
         self.drain(seats, max((i.kill_timeout for i in instances), default=0.0))
+        self.leave_alb([instance.name for instance in instances])
 
     # --- steps ---
 
@@ -137,6 +145,10 @@ class Rollout:
                 break  # kill_timeout bounds a drain, like it bounds a stop
             self._sleep(POLL_INTERVAL)
         return already
+
+    def leave_alb(self, names: Sequence[str]) -> None:
+        """Deregister these instances' ALB targets and wait for ALB's draining (nothing without ALB targets)."""
+        deregister_and_wait(self._alb, names, wait=self._sleep)
 
     def enable(self, seats: Sequence[Seat]) -> None:
         for seat in seats:

@@ -296,13 +296,20 @@ class Runtime:
             self._metrics_states.set_backend_states(snapshot.listener, {b.address: b.state for b in snapshot.backends})
 
     def shutdown(self) -> None:
-        """Stop the listeners and the loop, every process (waiting for them), then every actor and thread."""
+        """Take every ALB target out (waiting for ALB's draining, at most alb.SHUTDOWN_WAIT_MAX), stop the
+        listeners and the loop, every process (waiting for them), then every actor and thread."""
         self._cancelled.set()
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             try:
+                if self._alb is not None and self.supervisor.is_alive():
+                    names = [row["name"] for row in self.supervisor.proxy().list().get(timeout=ASK_TIMEOUT)]
+                    try:
+                        alb.deregister_and_wait(self._alb, names, limit=alb.SHUTDOWN_WAIT_MAX)
+                    except (pykka.ActorDeadError, pykka.Timeout):
+                        pass  # the registrar is gone or stuck on AWS: the instances stop all the same
                 if self._loop is not None:
                     self._loop.stop()
                     if self._loop_thread is not None:
@@ -313,6 +320,15 @@ class Runtime:
                 self._fanout.units = {}
                 pykka.ActorRegistry.stop_all()
                 self._timers.close()
+
+    def leave_alb(self, target: str) -> float:
+        """Before `pmdaemon stop/restart/delete <target>`: deregister the ALB targets of the instances it
+        names and wait for ALB's draining (actors/alb.py); the seconds waited."""
+        try:
+            names = [instance.name for instance in self._instances(target)]
+        except UnknownTarget:
+            return 0.0  # the stop itself answers that
+        return alb.deregister_and_wait(self._alb, names, wait=self._cancelled.wait)
 
     # --- zero-downtime operations: reload, scale, reload --config ---
 
@@ -411,6 +427,9 @@ class Runtime:
         # 4. Processes: removed apps stop (their backends were drained), new ones start, changed ones roll.
         supervisor = self.supervisor.proxy()
         known = set(supervisor.app_names().get(timeout=ASK_TIMEOUT))  # `pmdaemon delete` may have dropped some
+        rollout.leave_alb([i.name for app in apps.removed if app in known for i in self._instances(app)]
+                          + [i.name for app in (*apps.restarted, *apps.updated) if app.name in known
+                             for i in self._instances(app.name)[app.instances:]])
         stopped = [name for app in apps.removed if app in known
                    for name in supervisor.delete(app).get(timeout=ASK_TIMEOUT)]
         rollout.settled(stopped, max((self._kill_timeout(name) for name in stopped), default=0.0))
@@ -558,7 +577,7 @@ class Runtime:
                     backend.instance, unit.probe)
 
     def _rollout(self) -> Rollout:
-        return Rollout(self.supervisor, self._seats, self._in_flight, self._cancelled)
+        return Rollout(self.supervisor, self._seats, self._in_flight, self._cancelled, self._alb)
 
     def _in_flight(self, listener: int, backend_id: int) -> int:
         """Requests (or TCP connections) in flight on a backend, as the loop last reported."""

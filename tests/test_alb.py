@@ -13,8 +13,11 @@ import ipaddress
 import os
 import signal
 import sys
+import threading
+import time
 import uuid
 
+import psutil
 import pytest
 
 from conftest import free_port, free_port_range, http_app_config, wait_until, write_config
@@ -120,6 +123,13 @@ def alb_app(script, base_port: int, arn: str, instances: int = 1, **alb) -> dict
         "target_id": "127.0.0.1", **alb}})
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 @pytest.fixture
 def runtime(tmp_path):
     rt = Runtime(tmp_path / "home")
@@ -187,6 +197,59 @@ def test_daemon_registers_with_the_config_endpoint_and_deregisters_on_drain_and_
 
     assert pmdaemon("kill").returncode == 0
     wait_until(lambda: aws.registered() == set(), 15, message="the daemon to deregister on its way out")
+
+
+@pytest.mark.timeout(60)
+def test_stop_deregisters_and_waits_the_deregistration_delay_before_stopping(aws, pmdaemon, tmp_path, app_script):
+    base = free_port_range(1)
+    delay = 1.0
+    config = write_config(tmp_path, {"apps": [alb_app(app_script, base, aws.arn, endpoint_url=aws.url,
+                                                      deregistration_delay=delay)]})
+    assert pmdaemon("start", config, env={ENDPOINT_ENV: None}).returncode == 0
+    wait_until(lambda: aws.registered() == {("127.0.0.1", base)}, 15, message="web-0 registered")
+    pid = pmdaemon.json("list")[0]["pid"]
+
+    stopping = threading.Thread(target=pmdaemon, args=("stop", "web"))
+    began = time.monotonic()
+    stopping.start()
+    wait_until(lambda: aws.registered() == set(), 5, interval=0.02, message="web-0 deregistered")
+    assert _alive(pid), "the target left the group only after its process had stopped"
+    stopping.join(30)
+    assert not stopping.is_alive()
+    assert time.monotonic() - began >= delay
+    assert not _alive(pid)
+    assert [row["status"] for row in pmdaemon.json("list")] == ["stopped"]
+    assert aws.registered() == set()
+
+
+@pytest.mark.timeout(60)
+def test_reload_takes_each_target_out_before_restarting_it_and_puts_it_back(aws, runtime, tmp_path, app_script,
+                                                                           monkeypatch):
+    monkeypatch.setenv(ENDPOINT_ENV, aws.url)
+    base = free_port_range(2)
+    both = {("127.0.0.1", base), ("127.0.0.1", base + 1)}
+    runtime.apply(load_config(str(write_config(tmp_path, {"apps": [
+        alb_app(app_script, base, aws.arn, instances=2, deregistration_delay=1)]}))))
+    wait_until(lambda: aws.registered() == both, 15, message="both instances registered")
+    old = {row["name"]: row["pid"] for row in runtime.supervisor.proxy().list().get(timeout=10)}
+
+    result = []
+    reloading = threading.Thread(target=lambda: result.append(runtime.reload_app("web")))
+    reloading.start()
+    out_while_alive = set()
+    while reloading.is_alive():
+        registered = aws.registered()
+        assert registered, "both targets were out of the group at once"
+        for i, name in enumerate(("web-0", "web-1")):
+            if ("127.0.0.1", base + i) not in registered and _alive(old[name]):
+                out_while_alive.add(name)
+        time.sleep(0.02)
+    reloading.join()
+    assert result == [{"target": "web", "reloaded": ["web-0", "web-1"]}]
+    assert out_while_alive == {"web-0", "web-1"}, "each target leaves the group before its process stops"
+    new = {row["name"]: row["pid"] for row in runtime.supervisor.proxy().list().get(timeout=10)}
+    assert all(new[name] != old[name] and not _alive(old[name]) for name in old)
+    wait_until(lambda: aws.registered() == both, 15, message="both restarted instances registered again")
 
 
 @pytest.mark.timeout(60)
