@@ -43,19 +43,20 @@ start $CPU_LB ours $OURS_PORT env PMDAEMON_HOME="$TMP/home" pmdaemon start "$TMP
 
 { echo "# $(date -u +%FT%TZ) $(uname -r) nproc=$(nproc) PIN=$PIN DUR=$DUR RUNS=$RUNS CONNS=$CONNS"
   echo "# $(haproxy -v | head -1 | cut -d' ' -f1-3) | $(openssl version) | cert: ECDSA P-256 self-signed"; }
-spread() { local i u=(); for i in 1 2 3 4 5 6 7 8; do u+=("https://127.0.0.1:$1/"); done
-  timeout 10 curl -sk -o /dev/null -D - "${u[@]}" | tr -d '\r' | awk 'tolower($1) == "x-backend:" {s[$2]} END {print length(s)}'; }
-for t in haproxy:$HAP_PORT ours:$OURS_PORT; do
-  echo "# ${t%:*}: $(spread ${t#*:}) distinct backends over 8 requests on one connection;" \
-    "$(echo | timeout 5 openssl s_client -connect 127.0.0.1:${t#*:} 2>/dev/null | grep -E '^(New|Peer signature type|Server Temp Key)' | tr '\n' ' ')"
-done
-
 measure() { # NAME PORT MODE ROUND
   local h=(); [ "$3" = handshakes ] && h=(-H "Connection: close")
   wrk_run "$1" "https://127.0.0.1:$2/" "$1	$3	$4" "${h[@]}"
 }
 : >"$TMP/results.tsv"
 for t in $HAP_PORT $OURS_PORT; do pin $CPU_GEN timeout 12 wrk -t1 -c16 -d2s "https://127.0.0.1:$t/" >/dev/null 2>&1; done  # warm-up
+spread() { # distinct X-Backend over 8 requests on one connection (after the warm-up: backends are up)
+  local i u=(); for i in 1 2 3 4 5 6 7 8; do u+=("https://127.0.0.1:$1/"); done
+  timeout 10 curl -sk -o /dev/null -D - "${u[@]}" | tr -d '\r' | awk 'tolower($1) == "x-backend:" {s[$2]} END {print length(s)}'; }
+for t in haproxy:$HAP_PORT ours:$OURS_PORT; do
+  echo "# ${t%:*}: $(spread ${t#*:}) distinct backends over 8 requests on one connection;" \
+    "$(echo | timeout 5 openssl s_client -connect 127.0.0.1:${t#*:} 2>/dev/null | grep -E '^(New|Peer signature type|Server Temp Key)' | tr '\n' ' ')"
+done
+
 for r in $(seq "$RUNS"); do for mode in keep-alive handshakes; do
   measure haproxy $HAP_PORT $mode "$r"; measure ours $OURS_PORT $mode "$r"; done; done
 
