@@ -22,8 +22,9 @@ several backends for one choice); the trial is taken when the loop calls `starte
 
 State that must survive a new snapshot (rotation position, in-flight counts, smooth-weighted
 current weights) lives in one `_Peer` per backend, carried over by address. `started`/`finished`
-name backends by their index in the snapshot in force; a reload that renumbers surviving backends
-while requests are in flight can therefore misattribute those requests (counts never go below 0).
+name backends by `BackendView.index`, a backend id that stays with its backend across pool
+replacements (net/snapshot.py), so a request in flight during a reload is counted against its own
+backend.
 """
 from __future__ import annotations
 
