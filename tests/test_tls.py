@@ -5,7 +5,9 @@ import dataclasses
 import hashlib
 import http.client
 import http.server
+import shutil
 import socket
+import subprocess
 import ssl
 import threading
 import time
@@ -97,6 +99,21 @@ def test_alpn_negotiates_http11(backend, balancer, tls_files):
     with context.wrap_socket(socket.create_connection(("127.0.0.1", lb.port), timeout=5),
                              server_hostname="127.0.0.1") as sock:
         assert sock.selected_alpn_protocol() == "http/1.1"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_key_exchange_groups_outside_mozilla_intermediate_are_refused(backend, balancer, tls_files):
+    """sslyze's intermediate check rejects servers that accept X448 or secp521r1."""
+    lb = balancer([backend.port], ssl=tls_files.ssl_config())
+
+    def handshake(group: str, version: str) -> bool:
+        result = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{lb.port}", "-groups", group,
+                                 version], input=b"", capture_output=True, timeout=10)
+        return b"Cipher is" in result.stdout and b"Cipher is (NONE)" not in result.stdout
+
+    assert handshake("P-256", "-tls1_3") and handshake("P-256", "-tls1_2")
+    for group in ("X448", "secp521r1"):
+        assert not handshake(group, "-tls1_3")
 
 
 def test_old_tls_versions_refused_without_harm_to_others(backend, balancer, tls_files):
