@@ -16,8 +16,6 @@ from net.proxy import ClientConnection, HttpListener
 from net.tcpproxy import TcpListener
 from net.tls import HTTP_ALPN, ServerHandshake, TlsBackendConnection, backend_context, server_context
 
-ACCEPT_BATCH = 64
-
 
 @dataclass(frozen=True)
 class ListenerTls:
@@ -60,18 +58,11 @@ class HttpsListener(HttpListener):
         self.handshake_timeout = cfg.limits.header_timeout
         self.handshakes: set[ServerHandshake] = set()
 
-    def on_readable(self) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                sock, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # EMFILE and friends: the backlog keeps the client until we can take it
-            try:
-                ServerHandshake(self, sock, addr[0])
-            except OSError:  # the client reset before the handshake began
-                sock.close()
+    def accepted(self, sock: socket.socket, ip: str) -> None:
+        try:
+            ServerHandshake(self, sock, ip)
+        except OSError:  # the client reset before the handshake began
+            sock.close()
 
     def tls_ready(self, sock: socket.socket, ip: str) -> None:
         try:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 
+from net.accepting import accept_waiting
 from net.channel import Channel
 from net.config import ListenerConfig
 from net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead, field_value
@@ -91,14 +92,10 @@ class HttpListener:
         self.forwarded_proto = b"X-Forwarded-Proto: https\r\n" if cfg.ssl.enabled else b"X-Forwarded-Proto: http\r\n"
 
     def on_readable(self) -> None:
-        for _ in range(64):
-            try:
-                sock, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # EMFILE and friends: the backlog keeps the client until we can take it
-            ClientConnection(self, sock, addr[0])
+        accept_waiting(self.sock, self.accepted)
+
+    def accepted(self, sock: socket.socket, ip: str) -> None:
+        ClientConnection(self, sock, ip)
 
     def publish(self, snapshot: PoolSnapshot, addresses: dict[int, tuple]) -> None:
         self.snapshot = snapshot

@@ -37,6 +37,7 @@ import socket
 import ssl
 from selectors import EVENT_READ
 
+from net.accepting import accept_waiting
 from net.channel import Channel
 from net.config import ListenerConfig
 from net.snapshot import Outcome, PoolSnapshot
@@ -45,7 +46,6 @@ from net.tokenbucket import RateLimiter
 
 RECV_SIZE = 65536
 BUFFER_HIGH = 256 * 1024  # stop reading a side while the other side has this much unsent
-ACCEPT_BATCH = 64
 
 
 class TcpListener:
@@ -83,33 +83,35 @@ class TcpListener:
 
     # ---- accepting -----------------------------------------------------------------------------
     def on_readable(self) -> None:
+        if not self._paused_at_cap():
+            accept_waiting(self.sock, self.accepted)
+
+    def accepted(self, sock: socket.socket, ip: str) -> bool:
+        """Start a session (or a handshake) for a new client; True when that reached the cap."""
         loop = self.loop
-        for _ in range(ACCEPT_BATCH):
-            if self.max_connections is not None and self.open >= self.max_connections:
-                self._pause_accepting()
-                return
-            try:
-                sock, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return  # EMFILE and friends: the backlog keeps the client until we can take it
-            ip = addr[0]
-            limiter = self.rate_limiter
-            if limiter is not None and limiter.check(ip, loop.now):
-                sock.close()
-                loop.record(Outcome(self.index, -1, 0, 0.0, 0, 0, "rate_limited", ip, True))
-                continue
-            self.open += 1
-            loop.gauge_clients(self.index, 1)
-            try:
-                if self.tls_context is not None:
-                    ServerHandshake(self, sock, ip)
-                else:
-                    TcpSession(self, sock, ip)
-            except OSError:  # the client reset before we could set the socket up
-                sock.close()
-                self.connection_closed()
+        limiter = self.rate_limiter
+        if limiter is not None and limiter.check(ip, loop.now):
+            sock.close()
+            loop.record(Outcome(self.index, -1, 0, 0.0, 0, 0, "rate_limited", ip, True))
+            return False
+        self.open += 1
+        loop.gauge_clients(self.index, 1)
+        try:
+            if self.tls_context is not None:
+                ServerHandshake(self, sock, ip)
+            else:
+                TcpSession(self, sock, ip)
+        except OSError:  # the client reset before we could set the socket up
+            sock.close()
+            self.connection_closed()
+        return self._paused_at_cap()
+
+    def _paused_at_cap(self) -> bool:
+        """At `max_connections`: stop accepting (clients wait in the backlog) and say so."""
+        if self.max_connections is not None and self.open >= self.max_connections:
+            self._pause_accepting()
+            return True
+        return False
 
     def _pause_accepting(self) -> None:
         if self.accepting and not self.closed:
