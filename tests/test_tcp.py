@@ -54,6 +54,38 @@ def payload(size: int) -> bytes:
             return data
 
 
+class BackendClosingFirst:
+    """A one-connection backend that sends `greeting`, shuts down its sending side at once, then keeps
+    what the client sends until the client closes. Use as a context manager (the listening socket is
+    closed on exit); `port` is where it listens."""
+
+    def __init__(self, greeting: bytes):
+        self.greeting = greeting
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._received: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve)
+
+    def _serve(self) -> None:
+        conn, _ = self.server.accept()
+        with conn:
+            conn.sendall(self.greeting)
+            conn.shutdown(socket.SHUT_WR)
+            self._received.append(recv_until_closed(conn))
+
+    def __enter__(self) -> "BackendClosingFirst":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.close()
+
+    def received(self) -> list[bytes]:
+        """What the client sent, once the connection has ended (waits up to 5 s for that)."""
+        self._thread.join(5)
+        return self._received
+
+
 def echo_through(sock: socket.socket, data: bytes) -> bytes:
     """Send `data` from a thread while reading the echo; returns what came back."""
     sender = threading.Thread(target=sock.sendall, args=(data,))
@@ -148,29 +180,14 @@ def test_half_close_client_still_receives_the_rest(echo, balancer):
 
 def test_half_close_from_the_backend_side_keeps_the_client_direction(balancer):
     """A backend that shuts down its sending side first: the client sees EOF and may still send."""
-    server = socket.create_server(("127.0.0.1", 0))
-    received = []
-
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(b"banner then EOF\n")
-            conn.shutdown(socket.SHUT_WR)
-            received.append(recv_until_closed(conn))
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        lb = balancer([server.getsockname()[1]])
+    with BackendClosingFirst(b"banner then EOF\n") as backend:
+        lb = balancer([backend.port])
         with connect(lb.port) as sock:
             assert recv_until_closed(sock) == b"banner then EOF\n"
             sock.sendall(b"late words")
             sock.shutdown(socket.SHUT_WR)
             assert sock.recv(10) == b""
-        thread.join(5)
-        assert received == [b"late words"]
-    finally:
-        server.close()
+        assert backend.received() == [b"late words"]
 
 
 def test_backpressure_holds_a_fast_backend_to_a_slow_client(balancer):
@@ -352,29 +369,14 @@ def test_tls_terminated_tcp_backend_closes_first(balancer, tmp_path):
     truncation); when the client closes too the session ends normally. (Client data sent after our
     close_notify is forwarded unless it races OpenSSL's shutdown step: see net/tls.py.)"""
     files = TlsFiles(tmp_path)
-    server = socket.create_server(("127.0.0.1", 0))
-    received = []
-
-    def serve():
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(b"bye\n")
-            conn.shutdown(socket.SHUT_WR)
-            received.append(recv_until_closed(conn))
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        lb = balancer([server.getsockname()[1]], ssl=files.ssl_config())
+    with BackendClosingFirst(b"bye\n") as backend:
+        lb = balancer([backend.port], ssl=files.ssl_config())
         raw = connect(lb.port)
         with files.client_context().wrap_socket(raw, server_hostname="127.0.0.1", suppress_ragged_eofs=False) as sock:
             assert recv_until_closed(sock) == b"bye\n"  # a ragged EOF would raise SSLEOFError here
-        thread.join(5)
-        assert received == [b""]
+        assert backend.received() == [b""]
         outcome = lb.wait_outcomes(1)[0]
         assert (outcome.error, outcome.bytes_out) == (None, 4)
-    finally:
-        server.close()
 
 
 def test_tls_backends_from_a_tcp_listener(balancer, tmp_path):
