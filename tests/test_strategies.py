@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from net.config import AppBalancing, BackendConfig, ListenerConfig, SessionConfig, SslConfig
+from net.config import STRATEGIES, AppBalancing, BackendConfig, ListenerConfig, SessionConfig, SslConfig
 from net.perfscore import BackendMetrics, PerformanceScorer
 from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
 from net.sticky import SessionSigner
@@ -76,18 +76,6 @@ def backend(i: int, region=None, weight=1, **balancing) -> BackendConfig:
     )
 
 
-ALL = [
-    "round_robin",
-    "weighted_round_robin",
-    "least_connections",
-    "ip_hash",
-    "sticky_sessions",
-    "geographic",
-    "health_aware_round_robin",
-    "performance_based",
-]
-
-
 def made(strategy_name: str, clock=None):
     return make_strategy(listener(strategy_name), clock=clock or Clock(), session_key=KEY)
 
@@ -95,12 +83,12 @@ def made(strategy_name: str, clock=None):
 # --- common rules ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("strategy_name", ALL)
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_nothing_to_choose_before_the_first_snapshot(strategy_name):
     assert made(strategy_name).choose("10.0.0.1", None) is None
 
 
-@pytest.mark.parametrize("strategy_name", ALL)
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_only_routable_backends_take_unpinned_requests(strategy_name):
     strategy = made(strategy_name)
     strategy.update(pool(5, a=DOWN, b=OPEN, d=DRAINING))
@@ -111,7 +99,7 @@ def test_only_routable_backends_take_unpinned_requests(strategy_name):
     assert set(chosen) == {"c", "e"}
 
 
-@pytest.mark.parametrize("strategy_name", ALL)
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_no_routable_backend_means_none(strategy_name):
     strategy = made(strategy_name)
     strategy.update(pool(3, a=DOWN, b=OPEN, c=DRAINING))
@@ -119,7 +107,7 @@ def test_no_routable_backend_means_none(strategy_name):
     assert strategy.choose("10.0.0.1", Head()) is None
 
 
-@pytest.mark.parametrize("strategy_name", ALL)
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_retries_skip_backends_already_tried(strategy_name):
     strategy = made(strategy_name)
     strategy.update(pool(3))
@@ -132,7 +120,7 @@ def test_retries_skip_backends_already_tried(strategy_name):
         assert strategy.choose(client, Head(), frozenset({0, 1, 2})) is None
 
 
-@pytest.mark.parametrize("strategy_name", ALL)
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_half_open_backend_gets_only_its_trial_slots(strategy_name):
     strategy = made(strategy_name)
     strategy.update(snapshot(view(0, HALF_OPEN, slots=2), view(1), view(2)))
@@ -189,7 +177,7 @@ def test_in_flight_never_goes_negative_and_unknown_indices_are_ignored():
     assert strategy.in_flight(99) == 0
 
 
-@pytest.mark.parametrize("strategy_name", ALL)
+@pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_tcp_requests_have_no_head(strategy_name):
     strategy = made(strategy_name)
     strategy.update(pool(3))
@@ -780,7 +768,7 @@ def test_make_strategy_for_every_documented_name():
         "sticky_sessions": StickySessions,
         "geographic": Geographic,
     }
-    assert sorted(expected) == sorted(ALL)
+    assert sorted(expected) == sorted(STRATEGIES)
     for strategy_name, cls in expected.items():
         assert type(made(strategy_name)) is cls
 
