@@ -108,6 +108,15 @@ def get(port: int, path: str = "/", source: str | None = None, timeout: float = 
         connection.close()
 
 
+def balancer_503(lb_port: int) -> Reply:
+    """A GET the balancer must answer itself, at once (3 s client timeout): 503 with a plain-text body."""
+    reply = get(lb_port, timeout=3)
+    assert reply.status == 503
+    assert reply.headers.get_content_type() == "text/plain"
+    assert reply.body.strip()
+    return reply
+
+
 class Traffic:
     """One client thread sending GET / through the balancer back to back, alternating requests on a
     keep-alive connection with requests on new connections. Every request ends either in a Reply
@@ -176,6 +185,16 @@ def wait_state(client: ControlClient, port: int, state: str, timeout: float = 10
     return time.monotonic()
 
 
+def run_until_up(foreground_daemon, pmdaemon, config: Path, *ports: int) -> ControlClient:
+    """Run `config` in a foreground daemon and wait until the backends on `ports` are up; returns the
+    daemon's control client."""
+    foreground_daemon(config)
+    client = control(pmdaemon)
+    for port in ports:
+        wait_state(client, port, "up")
+    return client
+
+
 # --- health checks --------------------------------------------------------------------------------
 
 @pytest.mark.timeout(60)
@@ -187,11 +206,8 @@ def test_health_aware_failing_backend_is_out_after_threshold_rounds_and_back_aft
                            balancing={"strategy": "health_aware_round_robin", "exclude_unhealthy": True,
                                       "quarantine_duration": quarantine})
     config, lb_port = balanced(tmp_path, [app])
-    foreground_daemon(config)
-    client = control(pmdaemon)
     sick, well = base, base + 1
-    wait_state(client, sick, "up")
-    wait_state(client, well, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, sick, well)
 
     with Traffic(lb_port, pause=0.01) as traffic:
         admin(sick, "/_admin/health?mode=fail")
@@ -230,10 +246,7 @@ def test_kill_9_of_an_instance_under_load_fails_no_request_and_its_replacement_w
     app, base = app_config("web", 3, health={"interval": 0.2, "failure_threshold": 2},
                            env={"HEALTHY_AFTER_MS": 1000})
     config, lb_port = balanced(tmp_path, [app])
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    for port in range(base, base + 3):
-        wait_state(client, port, "up")
+    run_until_up(foreground_daemon, pmdaemon, config, *range(base, base + 3))
     victim = instances(pmdaemon)["web-1"]
     victim_port = base + 1
 
@@ -265,9 +278,7 @@ def test_a_starting_instance_gets_no_traffic_before_its_first_passing_check(tmp_
     app["health_check"] = {"url": "http://localhost:{{PORT}}/health", "timeout": 1, "interval": 0.2,
                            "failure_threshold": 2}
     config, lb_port = balanced(tmp_path, [app])
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    wait_state(client, base, "up")
+    run_until_up(foreground_daemon, pmdaemon, config, base)
 
     with Traffic(lb_port, pause=0.005) as traffic:
         result = pmdaemon("scale", "web", "2", timeout=60)
@@ -289,10 +300,7 @@ def test_restart_unhealthy_restarts_a_stuck_instance(tmp_path, foreground_daemon
     app, base = app_config("web", 2, health={"interval": 0.5, "timeout": 0.5, "failure_threshold": 3,
                                              "restart_unhealthy": True})
     config, _lb_port = balanced(tmp_path, [app])
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    wait_state(client, base, "up")
-    wait_state(client, base + 1, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, base, base + 1)
     before = instances(pmdaemon)
 
     admin(base + 1, "/_admin/health?mode=hang")  # stuck: its health check never answers
@@ -311,10 +319,7 @@ def test_restart_unhealthy_restarts_a_stuck_instance(tmp_path, foreground_daemon
 def test_lb_health_and_health_check_test_report_a_failing_backend(tmp_path, foreground_daemon, pmdaemon):
     app, base = app_config("web", 2, health={"interval": 0.25, "failure_threshold": 2})
     config, _lb_port = balanced(tmp_path, [app])
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    wait_state(client, base, "up")
-    wait_state(client, base + 1, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, base, base + 1)
 
     passing = pmdaemon("lb", "health-check", "--test")
     assert passing.returncode == 0, passing.stdout + passing.stderr
@@ -351,27 +356,18 @@ def test_all_backends_down_answers_503_at_once_with_a_plain_text_body(tmp_path, 
     app, base = app_config("web", 2, health={"interval": 0.2, "failure_threshold": 1})
     # A connect timeout far beyond the client's: an answer that waited on a backend would time out.
     config, lb_port = balanced(tmp_path, [app], timeouts={"connect": 30000, "read": 30000})
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    wait_state(client, base, "up")
-    wait_state(client, base + 1, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, base, base + 1)
 
     for port in (base, base + 1):
         admin(port, "/_admin/health?mode=fail")
     for port in (base, base + 1):
         wait_state(client, port, "down")
     before = [served(base), served(base + 1)]
-    reply = get(lb_port, timeout=3)
-    assert reply.status == 503
-    assert reply.headers.get_content_type() == "text/plain"
-    assert b"no healthy backend" in reply.body
+    assert b"no healthy backend" in balancer_503(lb_port).body
     assert [served(base), served(base + 1)] == before
 
     assert pmdaemon("stop", "web").returncode == 0
-    reply = get(lb_port, timeout=3)
-    assert reply.status == 503
-    assert reply.headers.get_content_type() == "text/plain"
-    assert reply.body.strip()
+    balancer_503(lb_port)
 
 
 # --- circuit breaker ------------------------------------------------------------------------------
@@ -407,11 +403,8 @@ def test_breaker_opens_after_threshold_5xx_keeps_traffic_off_until_recovery_time
     config, lb_port = balanced(tmp_path, [app], circuit_breaker={
         "enabled": True, "failure_threshold": threshold, "recovery_timeout": int(recovery * 1000),
         "half_open_requests": 1})
-    foreground_daemon(config)
-    client = control(pmdaemon)
     broken, well = base, base + 1
-    wait_state(client, broken, "up")
-    wait_state(client, well, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, broken, well)
 
     admin(broken, "/_admin/fail?on=1")
     failures, tripped = 0, None
@@ -463,11 +456,8 @@ def test_half_open_admits_exactly_half_open_requests_concurrent_trials_and_a_fai
     config, lb_port = balanced(tmp_path, [app], circuit_breaker={
         "enabled": True, "failure_threshold": 2, "recovery_timeout": int(recovery * 1000),
         "half_open_requests": trials})
-    foreground_daemon(config)
-    client = control(pmdaemon)
     broken, well = base, base + 1
-    wait_state(client, broken, "up")
-    wait_state(client, well, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, broken, well)
 
     admin(broken, "/_admin/fail?on=1")
     trip(lb_port, client, broken)
@@ -506,18 +496,13 @@ def test_breakers_all_open_answer_503_at_once(tmp_path, foreground_daemon, pmdae
     app, base = app_config("web", 2)
     config, lb_port = balanced(tmp_path, [app], timeouts={"connect": 30000, "read": 30000},
                                circuit_breaker={"enabled": True, "failure_threshold": 2, "recovery_timeout": 30000})
-    foreground_daemon(config)
-    client = control(pmdaemon)
+    client = run_until_up(foreground_daemon, pmdaemon, config, base, base + 1)
     for port in (base, base + 1):
-        wait_state(client, port, "up")
         admin(port, "/_admin/fail?on=1")
     for port in (base, base + 1):
         trip(lb_port, client, port)
     before = [served(base), served(base + 1)]
-    reply = get(lb_port, timeout=3)
-    assert reply.status == 503
-    assert reply.headers.get_content_type() == "text/plain"
-    assert reply.body.strip()
+    balancer_503(lb_port)
     assert [served(base), served(base + 1)] == before
     assert {row["state"] for row in pmdaemon.json("lb", "backends")} == {"open"}
 
@@ -530,9 +515,7 @@ def test_responses_the_balancer_makes_429_and_503_never_open_a_breaker(tmp_path,
         circuit_breaker={"enabled": True, "failure_threshold": 2, "recovery_timeout": 30000},
         rate_limiting={"enabled": True, "requests_per_second": 1000, "burst_size": 1000, "per_ip_limit": 2},
         connection_pool={"max_connections": 1})
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    wait_state(client, base, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, base)
 
     statuses = [get(lb_port, source=CLIENT_A).status for _ in range(8)]
     assert statuses.count(429) >= 5
@@ -561,11 +544,8 @@ def test_half_open_sends_no_more_than_half_open_requests_trials_to_a_failing_bac
     app, base = app_config("web", 2)
     config, lb_port = balanced(tmp_path, [app], circuit_breaker={
         "enabled": True, "failure_threshold": 2, "recovery_timeout": 600, "half_open_requests": 1})
-    foreground_daemon(config)
-    client = control(pmdaemon)
     broken, well = base, base + 1
-    wait_state(client, broken, "up")
-    wait_state(client, well, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, broken, well)
     admin(broken, "/_admin/fail?on=1")
     trip(lb_port, client, broken)
     connection = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=10)
@@ -591,11 +571,8 @@ def test_breaker_opens_on_backend_timeouts(tmp_path, foreground_daemon, pmdaemon
     app, base = app_config("web", 2)
     config, lb_port = balanced(tmp_path, [app], timeouts={"read": 300},
                                circuit_breaker={"enabled": True, "failure_threshold": 2, "recovery_timeout": 30000})
-    foreground_daemon(config)
-    client = control(pmdaemon)
     slow, well = base, base + 1
-    wait_state(client, slow, "up")
-    wait_state(client, well, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, slow, well)
     admin(slow, "/_admin/delay?ms=2000")
     timeouts = 0
     deadline = time.monotonic() + 15
@@ -617,10 +594,7 @@ def test_a_burst_from_one_client_address_gets_429_with_retry_after_while_another
     app, base = app_config("web", 2)
     config, lb_port = balanced(tmp_path, [app], rate_limiting={
         "enabled": True, "requests_per_second": 1000, "burst_size": 1000, "per_ip_limit": per_ip})
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    wait_state(client, base, "up")
-    wait_state(client, base + 1, "up")
+    run_until_up(foreground_daemon, pmdaemon, config, base, base + 1)
     before = served(base) + served(base + 1)
 
     burst = [get(lb_port, source=CLIENT_A) for _ in range(4 * per_ip)]
@@ -666,10 +640,7 @@ def test_a_tcp_listener_refuses_new_connections_over_the_rate_limit(tmp_path, fo
            "env": {"PORT": base}, "min_uptime": 200, "kill_timeout": 1000}
     config, lb_port = balanced(tmp_path, [app], type="tcp", rate_limiting={
         "enabled": True, "requests_per_second": 1000, "burst_size": 1000, "per_ip_limit": per_ip})
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    wait_state(client, base, "up")
-    wait_state(client, base + 1, "up")
+    run_until_up(foreground_daemon, pmdaemon, config, base, base + 1)
 
     answers = [tcp_exchange(lb_port, CLIENT_A) for _ in range(4 * per_ip)]
     accepted = [answer for answer in answers if answer]
@@ -766,11 +737,8 @@ def test_health_aware_ejects_a_backend_on_live_5xx_for_the_quarantine_each_time(
     app, base = app_config("web", 2, health={"interval": 0.2, "failure_threshold": 2},
                            balancing={"strategy": "health_aware_round_robin", "quarantine_duration": quarantine})
     config, lb_port = balanced(tmp_path, [app])
-    foreground_daemon(config)
-    client = control(pmdaemon)
     broken, well = base, base + 1
-    wait_state(client, broken, "up")
-    wait_state(client, well, "up")
+    run_until_up(foreground_daemon, pmdaemon, config, broken, well)
 
     admin(broken, "/_admin/fail?on=1")
     with Traffic(lb_port, pause=0.01) as traffic:
@@ -796,10 +764,7 @@ def test_a_client_that_stops_reading_does_not_count_against_the_backend(tmp_path
                            balancing={"strategy": "health_aware_round_robin", "quarantine_duration": 30})
     config, lb_port = balanced(tmp_path, [app], timeouts=timeouts,
                                circuit_breaker={"enabled": True, "failure_threshold": 1, "recovery_timeout": 30000})
-    foreground_daemon(config)
-    client = control(pmdaemon)
-    for port in (base, base + 1):
-        wait_state(client, port, "up")
+    client = run_until_up(foreground_daemon, pmdaemon, config, base, base + 1)
 
     stalled = []
     for _ in range(2):  # one stalled download on each backend (round robin)
