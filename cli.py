@@ -331,6 +331,8 @@ def _print_start_report(report: dict, as_json: bool, foreground: bool = False) -
         print(f"already running, left alone: {', '.join(report['unchanged_apps'])}")
     if report["listeners"]:
         print(f"listeners: {', '.join(report['listeners'])}")
+    if report["unchanged_listeners"]:
+        print(f"listeners already running, left alone: {', '.join(report['unchanged_listeners'])}")
     if foreground:
         print("running in the foreground; Ctrl-C or SIGTERM stops everything")
 

@@ -451,17 +451,19 @@ class Daemon:
         return self._apply(self._load(_arg_str(args, "config")))
 
     def _apply(self, config) -> dict:
-        """Apply a config on top of whatever runs: new apps start, existing ones are left alone."""
+        """Apply a config on top of whatever runs: new apps and listeners on new ports start, apps and
+        ports already running are left alone (and reported)."""
         rows = self._supervisor().list().get(timeout=ASK_TIMEOUT)
         running_apps = {row["app"] for row in rows}
         before = {row["name"] for row in rows}
-        self.runtime.apply(config)
+        added, left_alone = self.runtime.apply(config)
         rows = self._supervisor().list().get(timeout=ASK_TIMEOUT)
         return {
             "config": config.source,
             "started": [row["name"] for row in rows if row["name"] not in before],
             "unchanged_apps": [app.name for app in config.apps if app.name in running_apps],
-            "listeners": [f"{listener.host}:{listener.port}" for listener in config.listeners],
+            "listeners": [f"{listener.host}:{listener.port}" for listener in added],
+            "unchanged_listeners": [f"{listener.host}:{listener.port}" for listener in left_alone],
         }
 
     @staticmethod

@@ -50,7 +50,7 @@ from actors.supervisor import ProcessSupervisor, UnknownTarget
 from actors.timers import Timers
 from net.config import AppConfig, BackendConfig, Config, ListenerConfig
 from net.configdiff import (backend_key, dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool,
-                            with_app, with_listeners)
+                            with_app, with_listeners, with_started)
 from net.configfile import ConfigError, instance_spec
 from net.listeners import ListenerTls
 from net.loop import IOLoop
@@ -186,37 +186,40 @@ class Runtime:
 
     # --- lifecycle ---
 
-    def apply(self, config: Config) -> None:
-        """Bind the config's listeners, start their actors, then start its apps (running apps are left alone).
+    def apply(self, config: Config) -> tuple[list[ListenerConfig], list[ListenerConfig]]:
+        """`pmdaemon start`: add a config to what runs, PM2-style. Its listeners on ports no running listener
+        serves are bound and started, its apps not yet running are started; a listener on a port already
+        served and an app already running are left alone. Nothing running changes or stops.
 
-        Listeners are bound first: a port already in use raises RuntimeError naming the config path
-        and nothing is started. A config whose listeners differ from those already running is
-        refused (changing them is `reload --config`); the same listeners again are left alone.
+        The new ports are bound first: one already in use raises RuntimeError naming it and nothing is
+        started. Returns (listeners added, running listeners left alone on the config's other ports).
         """
         with self._lock:
             self._alb = alb.attach(self._alb, config, self.supervisor, self._timers)  # raises if boto3 is missing
-            if self._fanout.units:
-                running = tuple(unit.config for unit in self._fanout.units.values())
-                if config.listeners and config.listeners != running:
-                    raise RuntimeError("listeners are already running from another config; apply listener "
-                                       "changes with `pmdaemon reload --config <config>`")
-            elif config.listeners:
-                self._start_listeners(config)
+            plan = plan_listeners(tuple(unit.config for unit in self._units()), config.listeners,
+                                  self._next_listener_index)
+            if plan.added:
+                paths = {renumbered.index: _listener_path(config, written)
+                         for renumbered, written in zip(plan.listeners, config.listeners)}
+                self._start_listeners(plan.added, paths)
             supervisor = self.supervisor.proxy()
             for app in config.apps:
                 started = supervisor.start_app(app).get(timeout=ASK_TIMEOUT)
                 if app.name not in self._apps or len(started) == app.instances:  # (re)started whole: this config
                     self._apps[app.name] = app
-            if self.config is None or config.listeners:
-                self.config = config
-                self._remember_templates(config.listeners, config.apps)
+            self.config = with_started(self.config, config, plan.added, self._apps)
+            self._remember_templates(plan.added, config.apps)
+            return list(plan.added), [old for old, _ in (*plan.kept, *plan.rebound)]
 
-    def _start_listeners(self, config: Config) -> None:
-        paths = {listener.index: _listener_path(config, listener) for listener in config.listeners}
-        self._bind(config.listeners, paths)
-        self._start_metrics(config.listeners)
-        units = {listener.index: self._start_unit(listener) for listener in config.listeners}
-        self._fanout.units = units
+    def _start_listeners(self, listeners: tuple[ListenerConfig, ...], paths: dict[int, str]) -> None:
+        """Bind `listeners` (all or none, RuntimeError naming `paths[index]`), then start their actors
+        next to the running ones."""
+        self._bind(listeners, paths)
+        fresh = dict(self._fanout.units)
+        self._start_metrics([*(unit.config for unit in fresh.values()), *listeners])
+        for listener in listeners:
+            fresh[listener.index] = self._start_unit(listener)
+        self._fanout.units = fresh
 
     def _ensure_loop(self) -> None:
         if self._loop is None:

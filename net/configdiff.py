@@ -1,4 +1,4 @@
-"""What changes between the running configuration and a new one (`reload --config`, `scale`); pure.
+"""What changes between the running configuration and a new one (`start`, `reload --config`, `scale`); pure.
 
 The Runtime applies these plans (actors/runtime.py, actors/rollout.py); nothing here touches a
 socket, a process or an actor.
@@ -17,7 +17,7 @@ adopted without a restart; a different instance count is a scale.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from net.config import AppConfig, BackendConfig, Config, ListenerConfig
 
@@ -123,3 +123,14 @@ def with_listeners(config: Config, listeners: Iterable[ListenerConfig]) -> Confi
     """`config` with the listeners of the same index replaced."""
     by_index = {listener.index: listener for listener in listeners}
     return replace(config, listeners=tuple(by_index.get(l.index, l) for l in config.listeners))
+
+
+def with_started(running: Config | None, started: Config, added: Sequence[ListenerConfig],
+                 apps: Mapping[str, AppConfig]) -> Config:
+    """What runs after `pmdaemon start <started>` on top of `running` (None: nothing ran yet), for
+    `lb config` and the next `reload --config`: the running listeners then the `added` ones, the running
+    apps then `started`'s other apps, each as it runs now (`apps`, by name). The source stays the first
+    config's."""
+    base = running if running is not None else replace(started, apps=(), listeners=())
+    names = dict.fromkeys([*(app.name for app in base.apps), *(app.name for app in started.apps)])
+    return replace(base, listeners=base.listeners + tuple(added), apps=tuple(apps[name] for name in names))

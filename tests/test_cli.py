@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import http.client
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -200,6 +202,66 @@ def test_start_again_adds_new_apps_and_leaves_running_ones_alone(pmdaemon, tmp_p
     assert {row["name"]: row["pid"] for row in rows if row["app"] == "web"} == before
     human = pmdaemon("start", both)
     assert human.returncode == 0 and "left alone: web, api" in human.stdout
+
+
+def _answer_through(port: int) -> str | None:
+    """The body a GET through the listener on `port` gets, or None until it answers 200."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        body = response.read().decode()
+        return body.strip() if response.status == 200 else None
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
+def _balanced_app_config(tmp_path, app_script, app: str, port: int, name: str) -> tuple[Path, int]:
+    """A config of one instance of `app` behind an HTTP listener on `port`; returns (path, the app's port)."""
+    base = free_port_range(1)
+    return write_config(tmp_path, {
+        "apps": [http_app_config(app_script, app, 1, base)],
+        "load_balancer": {"host": "127.0.0.1", "port": port, "apps": [app],
+                          "health_check": {"path": "/health", "interval": 0.2}},
+    }, name), base
+
+
+@pytest.mark.timeout(90)
+def test_start_again_adds_listeners_on_new_ports_and_leaves_running_ones_alone(pmdaemon, tmp_path, app_script):
+    port_a, port_b = free_port(), free_port()
+    config_a, base_a = _balanced_app_config(tmp_path, app_script, "a", port_a, "a.json")
+    config_b, base_b = _balanced_app_config(tmp_path, app_script, "b", port_b, "b.json")
+    assert pmdaemon("start", config_a).returncode == 0
+    report = pmdaemon.json("start", config_b)
+    assert report["started"] == ["b-0"] and report["listeners"] == [f"127.0.0.1:{port_b}"]
+    assert report["unchanged_listeners"] == []
+    before = {row["name"]: row["pid"] for row in _online(pmdaemon, 2)}
+    assert sorted(before) == ["a-0", "b-0"]
+    for port, base in ((port_a, base_a), (port_b, base_b)):
+        body = wait_until(lambda: _answer_through(port), 10, message=f"an answer through port {port}")
+        assert body == f"instance 0 port {base}"
+    assert sorted(row["port"] for row in pmdaemon.json("lb", "status")) == sorted([port_a, port_b])
+    assert [listener["port"] for listener in pmdaemon.json("lb", "config")["load_balancer"]] == [port_a, port_b]
+    # the same config again: everything is already running, nothing changes
+    again = pmdaemon("start", config_b)
+    assert again.returncode == 0, again.stderr
+    assert "started: nothing new" in again.stdout
+    assert f"listeners already running, left alone: 127.0.0.1:{port_b}" in again.stdout
+    assert {row["name"]: row["pid"] for row in _online(pmdaemon, 2)} == before
+    assert sorted(row["port"] for row in pmdaemon.json("lb", "status")) == sorted([port_a, port_b])
+    # a config whose new port something else holds starts none of its apps
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        config_c, _ = _balanced_app_config(tmp_path, app_script, "c", taken, "c.json")
+        refused = pmdaemon("start", config_c)
+        assert refused.returncode == 1 and f"port {taken} is already in use" in refused.stderr
+    assert {row["name"]: row["pid"] for row in pmdaemon.json("list")} == before
+    assert sorted(row["port"] for row in pmdaemon.json("lb", "status")) == sorted([port_a, port_b])
+    assert _answer_through(port_b) == f"instance 0 port {base_b}"
 
 
 _CHATTY_APP = """
