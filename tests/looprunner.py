@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import trustme
@@ -149,3 +150,21 @@ class TlsFiles:
 
     def client_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+@contextmanager
+def running_loops(**defaults):
+    """Yield `start(ports, **listener options) -> RunningLoop` (options over `defaults`); every loop
+    started through it is closed on exit. The body of the tests' `balancer` fixtures."""
+    running = []
+
+    def start(ports, **options):
+        lb = RunningLoop(ports, **{**defaults, **options})
+        running.append(lb)
+        return lb
+
+    try:
+        yield start
+    finally:
+        for lb in running:
+            lb.close()

@@ -12,7 +12,7 @@ import time
 import pytest
 import trustme
 
-from looprunner import EchoServers, RunningLoop, TlsFiles, free_port, recv_until_closed, who
+from looprunner import EchoServers, TlsFiles, running_loops, free_port, recv_until_closed, who
 from net.config import ConnectionPool, RateLimiting, Retries, Timeouts
 from net.snapshot import DOWN, UP
 
@@ -29,17 +29,8 @@ def echo():
 @pytest.fixture
 def balancer():
     """balancer(ports, **listener options) -> a running TCP listener; closed at teardown."""
-    running = []
-
-    def start(ports, **options):
-        options.setdefault("type", "tcp")
-        lb = RunningLoop(ports, **options)
-        running.append(lb)
-        return lb
-
-    yield start
-    for lb in running:
-        lb.close()
+    with running_loops(type="tcp") as start:
+        yield start
 
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:

@@ -17,7 +17,7 @@ import pytest
 import trustme
 
 from backends import RecordingBackend, pattern_bytes
-from looprunner import RunningLoop, TlsFiles
+from looprunner import TlsFiles, running_loops
 from net.config import BackendTls, Limits, SslConfig
 from net.snapshot import UP, BackendView, PoolSnapshot
 from net.tls import MOZILLA_INTERMEDIATE_CIPHERS, server_context
@@ -32,16 +32,9 @@ def backend():
 
 @pytest.fixture
 def balancer():
-    running = []
-
-    def start(ports, **options):
-        lb = RunningLoop(ports, **options)
-        running.append(lb)
-        return lb
-
-    yield start
-    for lb in running:
-        lb.close()
+    """balancer(ports, **listener options) -> a running HTTP(S) listener; closed at teardown."""
+    with running_loops() as start:
+        yield start
 
 
 @pytest.fixture
