@@ -25,9 +25,9 @@ TCP_ECHO = REPO / "examples" / "apps" / "tcp_echo.py"
 class RunningLoop:
     """IOLoop + listener 0 on 127.0.0.1:<free port> over backends at `ports` (all UP, weights given)."""
 
-    def __init__(self, ports, weights=None, publish: bool = True, **listener_options):
+    def __init__(self, ports, weights=None, publish: bool = True, strategy_factory=None, **listener_options):
         self.reports = []
-        self.loop = IOLoop(self.reports.append)
+        self.loop = IOLoop(self.reports.append, strategy_factory)
         self.ports = list(ports)
         self.weights = list(weights) if weights else [1] * len(self.ports)
         self.cfg = ListenerConfig(index=0, port=0, host="127.0.0.1",

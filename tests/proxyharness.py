@@ -1,4 +1,4 @@
-"""A real IOLoop on a thread with one HTTP listener, for data-plane tests; plus raw-socket helpers.
+"""Data-plane test helpers: `LB` (a `looprunner.RunningLoop` over RecordingBackends) and raw-socket helpers.
 
 Also a pytest plugin (conftest.py loads it): the `backends` and `lb` factory fixtures, which stop
 what they made at teardown.
@@ -7,47 +7,25 @@ from __future__ import annotations
 
 import http.client
 import socket
-import threading
 import time
 
 import pytest
 
 from backends import RecordingBackend
-from net.config import BackendConfig, ListenerConfig
-from net.loop import IOLoop
-from net.snapshot import UP, BackendView, PoolSnapshot
+from looprunner import RunningLoop
 
 
-class LB:
-    """IOLoop + listener on 127.0.0.1:<free port> over `backends` (all UP unless publish=False)."""
+class LB(RunningLoop):
+    """A RunningLoop over RecordingBackends (all UP unless publish=False) whose `outcomes()` first
+    waits out one report batch (reports are sent every 50 ms)."""
 
     def __init__(self, backends, publish: bool = True, strategy_factory=None, **listener_options):
-        self.reports = []
-        self.loop = IOLoop(self.reports.append, strategy_factory)
-        self.cfg = ListenerConfig(index=0, port=0, host="127.0.0.1",
-                                  backends=tuple(BackendConfig("127.0.0.1", b.port) for b in backends),
-                                  **listener_options)
-        self.loop.add_listener(self.cfg)
-        self.port = self.loop.listening_address(0)[1]
-        self.version = 0
-        if publish:
-            self.publish([UP] * len(backends), backends)
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
-
-    def publish(self, states, backends) -> None:
-        self.version += 1
-        views = tuple(BackendView(i, "127.0.0.1", b.port, None, 1, state)
-                      for i, (b, state) in enumerate(zip(backends, states)))
-        self.loop.publish(PoolSnapshot(0, self.version, views))
+        super().__init__([b.port for b in backends], publish=publish, strategy_factory=strategy_factory,
+                         **listener_options)
 
     def outcomes(self, wait: float = 0.2) -> list:
-        time.sleep(wait)  # reports are batched every 50 ms
-        return [o for r in self.reports for o in r.outcomes]
-
-    def close(self) -> None:
-        self.loop.stop()
-        self.thread.join(5)
+        time.sleep(wait)
+        return super().outcomes()
 
 
 @pytest.fixture
