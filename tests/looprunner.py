@@ -17,6 +17,7 @@ import trustme
 from net.config import BackendConfig, ListenerConfig, SslConfig
 from net.loop import IOLoop
 from net.snapshot import UP, BackendView, PoolSnapshot
+from quietports import quiet_port as free_port  # re-exported: tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent
 TCP_ECHO = REPO / "examples" / "apps" / "tcp_echo.py"
@@ -62,12 +63,6 @@ class RunningLoop:
     def close(self) -> None:
         self.loop.stop()
         self.thread.join(5)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, timeout: float = 10.0) -> None:

@@ -4,7 +4,6 @@ import email.policy
 import json
 import logging
 import queue
-import socket
 import ssl
 import threading
 import time
@@ -27,6 +26,7 @@ from actors.alerter import (
 )
 from actors.metrics import MetricsActor
 from net.config import AlertRule, AlertsConfig, BackendConfig, ListenerConfig, SmtpConfig
+from quietports import quiet_port as free_port
 
 FAST = DeliveryPolicy(timeout=5.0, attempts=3, retry_delay=0.05)
 
@@ -132,10 +132,6 @@ def webhooks():
     hooks.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(20)

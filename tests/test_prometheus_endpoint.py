@@ -10,12 +10,9 @@ from actors.messages import LoopReport
 from actors.metrics import MetricsActor
 from net.config import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
 from net.snapshot import Outcome
+from quietports import quiet_port as free_port
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, path: str) -> tuple[int, str, str]:
