@@ -34,7 +34,9 @@ them again picks up renewed certificates.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -46,14 +48,16 @@ from net.upstream import BackendConnection
 
 # Mozilla's "intermediate" TLS 1.2 cipher list (ssl-config.mozilla.org, guideline 5.7). TLS 1.3 suites
 # are OpenSSL's defaults, which are exactly Mozilla's. The DHE suites take effect only where OpenSSL
-# has Diffie-Hellman parameters; ECDHE (X25519, P-256, P-384, OpenSSL's default groups) is what
-# clients get in practice.
+# has Diffie-Hellman parameters; ECDHE over MOZILLA_GROUPS is what clients get in practice.
 MOZILLA_INTERMEDIATE_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
     "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
     "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
     "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
 ))
+# Mozilla intermediate's key exchange groups, X25519 first: OpenSSL, curl, Python and browsers send
+# their first key share for X25519, so offering it avoids a HelloRetryRequest per handshake.
+MOZILLA_GROUPS = b"X25519:prime256v1:secp384r1"
 TLS_VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 HTTP_ALPN = ("http/1.1",)
 log = logging.getLogger(__name__)
@@ -106,9 +110,50 @@ class TlsSocket(ssl.SSLSocket):
         socket.socket.shutdown(self, how)
 
 
+@functools.cache
+def _libssl() -> ctypes.CDLL | None:
+    """The OpenSSL that Python's `ssl` runs on (dlsym through `_ssl` finds the libssl it links)."""
+    try:
+        lib = ctypes.CDLL(ssl._ssl.__file__)
+        lib.SSL_CTX_get_options.restype = ctypes.c_uint64
+        lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_char_p]
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def _openssl_context_pointer(lib: ctypes.CDLL, context: ssl.SSLContext) -> int | None:
+    """The `SSL_CTX *` behind `context`, or None when it cannot be confirmed.
+
+    CPython's SSLContext object is `PyObject_HEAD` followed by the `SSL_CTX *` (Modules/_ssl.c, every
+    3.x). The pointer read there is used only after OpenSSL, asked through it, reports the options
+    the context reports; any mismatch means a layout we do not know, and None."""
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not pointer or lib.SSL_CTX_get_options(pointer) != context.options:
+        return None
+    return pointer
+
+
+_SSL_CTRL_SET_GROUPS_LIST = 92  # SSL_CTX_set1_groups_list is this SSL_CTX_ctrl call (openssl/ssl.h)
+
+
+def set_groups(context: ssl.SSLContext, groups: bytes) -> bool:
+    """Set the key exchange groups a context offers, most preferred first (OpenSSL's
+    `SSL_CTX_set1_groups_list`; Python's `ssl` only has `set_ecdh_curve`, one group). False, with
+    the context unchanged, where OpenSSL cannot be reached this way."""
+    lib = _libssl()
+    pointer = None if lib is None else _openssl_context_pointer(lib, context)
+    if pointer is None:
+        log.warning("cannot set the TLS key exchange groups through OpenSSL; offering P-256 only")
+        return False
+    return lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups) == 1
+
+
 def server_context(cfg: SslConfig, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
     """A fresh server context for one listener: its certificate (PEM, RSA or ECDSA) read now, TLS
-    versions from `protocols`, Mozilla intermediate ciphers, ECDHE over P-256, client cipher preference (Mozilla's
+    versions from `protocols`, Mozilla intermediate ciphers and groups, client cipher preference (Mozilla's
     choice for intermediate), no renegotiation, ALPN `alpn` when given. Raises OSError or
     ssl.SSLError when the files cannot be read or do not belong together."""
     versions = [TLS_VERSIONS[name] for name in cfg.protocols]
@@ -117,10 +162,10 @@ def server_context(cfg: SslConfig, alpn: tuple[str, ...] = ()) -> ssl.SSLContext
     context.maximum_version = max(versions)
     context.set_ciphers(MOZILLA_INTERMEDIATE_CIPHERS)
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
-    # Key exchange groups: OpenSSL's default list also offers X448 and secp521r1, which Mozilla's
-    # intermediate profile rejects (sslyze flags them). Python 3.11 can only set one group, so
-    # P-256, which every TLS 1.2/1.3 client supports, is the one.
-    context.set_ecdh_curve("prime256v1")
+    # OpenSSL's default groups also offer X448 and secp521r1, which Mozilla's intermediate profile
+    # rejects (sslyze flags them).
+    if not set_groups(context, MOZILLA_GROUPS):
+        context.set_ecdh_curve("prime256v1")  # one group every client supports, at a retry's cost
     context.load_cert_chain(cfg.cert_file, cfg.key_file)
     if alpn:
         context.set_alpn_protocols(list(alpn))

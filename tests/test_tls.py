@@ -95,18 +95,26 @@ def test_alpn_negotiates_http11(backend, balancer, tls_files):
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_key_exchange_groups_outside_mozilla_intermediate_are_refused(backend, balancer, tls_files):
-    """sslyze's intermediate check rejects servers that accept X448 or secp521r1."""
+def test_key_exchange_groups_are_mozilla_intermediate_with_x25519_first(backend, balancer, tls_files):
+    """sslyze's intermediate check rejects servers that accept X448 or secp521r1; X25519, the group
+    clients send their first key share for, is taken without a HelloRetryRequest (one ClientHello)."""
     lb = balancer([backend.port], ssl=tls_files.ssl_config())
 
-    def handshake(group: str, version: str) -> bool:
-        result = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{lb.port}", "-groups", group,
-                                 version], input=b"", capture_output=True, timeout=10)
-        return b"Cipher is" in result.stdout and b"Cipher is (NONE)" not in result.stdout
+    def handshake(groups: str, version: str) -> bytes | None:
+        """s_client's -msg trace of a completed handshake, or None when it failed."""
+        result = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{lb.port}", "-groups", groups,
+                                 version, "-msg"], input=b"", capture_output=True, timeout=10)
+        done = b"Cipher is" in result.stdout and b"Cipher is (NONE)" not in result.stdout
+        return result.stdout if done else None
 
-    assert handshake("P-256", "-tls1_3") and handshake("P-256", "-tls1_2")
+    assert handshake("P-256", "-tls1_2") is not None
+    for group in ("P-256", "P-384"):  # (TLS 1.2 with an ECDSA P-256 certificate needs P-256 offered)
+        assert handshake(group, "-tls1_3") is not None, group
+    trace = handshake("X25519:P-256", "-tls1_3")
+    assert b"Server Temp Key: X25519" in trace
+    assert trace.count(b"ClientHello") == 1
     for group in ("X448", "secp521r1"):
-        assert not handshake(group, "-tls1_3")
+        assert handshake(group, "-tls1_3") is None
 
 
 def test_old_tls_versions_refused_without_harm_to_others(backend, balancer, tls_files):
