@@ -70,8 +70,9 @@ class HttpsListener(HttpListener):
         except OSError:  # the client reset right after the handshake
             sock.close()
             return
-        if sock.pending():
-            self.loop.call_soon(conn.on_readable)  # decrypted already: epoll will not report it
+        # The first request usually arrives with the client's Finished, and what OpenSSL decrypted
+        # already (pending()) epoll would never report: read now rather than after a selector round.
+        self.loop.call_soon(conn.on_readable)
 
     def tls_failed(self) -> None:
         """A failed or stalled handshake is not a request: nothing to record."""

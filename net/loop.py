@@ -6,9 +6,9 @@ Other threads talk to the loop only through `add_listener`, `replace_listener`, 
 actor. The loop talks back only through `on_report(LoopReport)`, at most every 50 ms, with the
 outcomes collected since the last report and the current gauges.
 
-One loop turn: select -> dispatch each ready channel's `on_readable`/`on_writable` -> run calls
-deferred with `call_soon` -> fire due timers from one heap -> maybe report. `now` is read once per
-turn; handlers use `loop.now`.
+One loop turn: flush the writes the last turn queued (net/channel.py) -> select -> dispatch each
+ready channel's `on_readable`/`on_writable` -> run calls deferred with `call_soon` -> fire due timers
+from one heap -> maybe report. `now` is read once per turn; handlers use `loop.now`.
 """
 from __future__ import annotations
 
@@ -95,6 +95,7 @@ class IOLoop:
         self._timers: list = []
         self._seq = itertools.count()
         self._soon: list = []
+        self.unflushed: list = []  # channels with writes of this turn (net/channel.py: Channel.write)
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._running = False
         self._stopping = False
@@ -260,6 +261,8 @@ class IOLoop:
         try:
             self.run_calls()
             while not self._stopping:
+                if self.unflushed:
+                    self._flush_writes()
                 now = self.now
                 timeout = None
                 if timers:
@@ -296,6 +299,21 @@ class IOLoop:
                         log.exception("I/O loop: on_report failed; that batch of outcomes is lost")
         finally:
             self._shutdown()
+
+    def _flush_writes(self) -> None:
+        """Send what this turn's handlers wrote. A flush that drains a channel calls its
+        `on_drained()`, which may write more: those channels are flushed in the same pass."""
+        soon = self._soon
+        while self.unflushed:
+            channels, self.unflushed = self.unflushed, []
+            for channel in channels:
+                try:
+                    channel.flush()
+                    while soon:
+                        fn, args = soon.pop(0)
+                        fn(*args)
+                except Exception:
+                    self._contain(channel)
 
     def _contain(self, target) -> None:
         """A handler raised (a bug): log it and close what it was serving; the loop serves on."""

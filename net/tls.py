@@ -232,7 +232,9 @@ class ServerHandshake(Channel):
         self.tls_wants_write = False
         owner.handshakes.add(self)
         self.set_deadline(self.loop.now + owner.handshake_timeout)
-        self._update_events()
+        # The ClientHello has usually arrived by the time the connection is accepted: answer it now
+        # rather than one selector round later (the step registers the interest OpenSSL asks for).
+        self._step()
 
     def _wants_write(self) -> bool:
         return self.tls_wants_write
