@@ -216,8 +216,19 @@ class Channel:
 
     def _arm(self, when: float) -> None:
         if when < self.timer_at:
+            if self.timer_at != INF:
+                self.loop.timer_dropped()  # the entry for the later time is superseded
             self.timer_at = when
             self.timer_seq = self.loop.schedule(when, self)
+
+    def timer_live(self, seq: int) -> bool:
+        """Whether the heap entry `seq` can still fire (the loop drops the others)."""
+        return seq == self.timer_seq and not self.closed
+
+    def _drop_timer(self) -> None:
+        if self.timer_at != INF:
+            self.timer_at = INF
+            self.loop.timer_dropped()
 
     def fire_timer(self, seq: int, now: float) -> None:
         if seq != self.timer_seq or self.closed:
@@ -250,6 +261,7 @@ class Channel:
             self.loop.selector.unregister(self.sock)
             self.events = 0
         self.closed = True
+        self._drop_timer()
         self.sock.close()
 
     # ---- subclass hooks --------------------------------------------------------------------

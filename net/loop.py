@@ -35,6 +35,7 @@ from net.strategies import make_strategy
 log = logging.getLogger("pmdaemon.loop")
 
 REPORT_INTERVAL = 0.05
+COMPACT_MIN = 1024  # dead timer entries before the heap is worth rebuilding
 LISTEN_BACKLOG = 1024
 
 
@@ -49,6 +50,9 @@ class _Timer:
     def fire_timer(self, _seq: int, _now: float) -> None:
         if not self.cancelled:
             self.fn(*self.args)
+
+    def timer_live(self, _seq: int) -> bool:
+        return not self.cancelled
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -93,6 +97,7 @@ class IOLoop:
         self.client_connections: dict[int, int] = {}
         self.gauges_changed = False
         self._timers: list = []
+        self._dead_timers = 0  # heap entries that can no longer fire (closed or re-armed channels)
         self._seq = itertools.count()
         self._soon: list = []
         self.unflushed: list = []  # channels with writes of this turn (net/channel.py: Channel.write)
@@ -222,6 +227,18 @@ class IOLoop:
         seq = next(self._seq)
         heapq.heappush(self._timers, (when, seq, target))
         return seq
+
+    def timer_dropped(self) -> None:
+        """A heap entry will never fire (its channel closed or re-armed earlier). Such entries would
+        keep closed connections in memory until their deadline (a 10 s header timeout holds every
+        connection of the last 10 s), so once they are half the heap it is rebuilt without them:
+        O(1) amortised per dropped entry."""
+        self._dead_timers += 1
+        timers = self._timers
+        if self._dead_timers >= COMPACT_MIN and self._dead_timers * 2 >= len(timers):
+            timers[:] = [entry for entry in timers if entry[2].timer_live(entry[1])]
+            heapq.heapify(timers)
+            self._dead_timers = 0
 
     def call_later(self, delay: float, fn, *args) -> _Timer:
         timer = _Timer(fn, args)

@@ -279,6 +279,7 @@ class ServerHandshake(Channel):
             self.loop.selector.unregister(self.sock)
             self.events = 0
         self.closed = True  # stale timer entries and ready events for this object are ignored
+        self._drop_timer()
         self.owner.handshakes.discard(self)
         self.owner.tls_ready(self.sock, self.ip)
 
