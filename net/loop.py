@@ -290,7 +290,7 @@ class IOLoop:
                 ready = poll(timeout)
                 self.now = now = monotonic()
                 for (target, readable_on, writable_on, _sock), events in ready:
-                    try:
+                    try:  # _guarded, inlined: this is the per-event path
                         if events & readable_on and not target.closed:
                             target.on_readable()
                         if events & writable_on and not target.closed:
@@ -302,13 +302,7 @@ class IOLoop:
                         self._contain(target)
                 while timers and timers[0][0] <= now:
                     _when, seq, target = heapq.heappop(timers)
-                    try:
-                        target.fire_timer(seq, now)
-                        while soon:
-                            fn, args = soon.pop(0)
-                            fn(*args)
-                    except Exception:
-                        self._contain(target)
+                    self._guarded(target, target.fire_timer, seq, now)
                 if (self.outcomes or self.gauges_changed) and now - self._last_report >= REPORT_INTERVAL:
                     try:
                         self._report(now)
@@ -320,17 +314,22 @@ class IOLoop:
     def _flush_writes(self) -> None:
         """Send what this turn's handlers wrote. A flush that drains a channel calls its
         `on_drained()`, which may write more: those channels are flushed in the same pass."""
-        soon = self._soon
         while self.unflushed:
             channels, self.unflushed = self.unflushed, []
             for channel in channels:
-                try:
-                    channel.flush()
-                    while soon:
-                        fn, args = soon.pop(0)
-                        fn(*args)
-                except Exception:
-                    self._contain(channel)
+                self._guarded(channel, channel.flush)
+
+    def _guarded(self, target, step, *args) -> None:
+        """Run one handler step of `target`, then the calls it deferred (`call_soon`); if that raises
+        (a bug), `target` is closed and the loop serves on."""
+        try:
+            step(*args)
+            soon = self._soon
+            while soon:
+                fn, deferred_args = soon.pop(0)
+                fn(*deferred_args)
+        except Exception:
+            self._contain(target)
 
     def _contain(self, target) -> None:
         """A handler raised (a bug): log it and close what it was serving; the loop serves on."""
