@@ -162,8 +162,18 @@ class Channel:
     def flush(self) -> None:
         """Called by the loop at the end of the turn in which `write()` queued this channel."""
         self.queued = False
-        if self.closed or not self.out:
+        if not self.closed and self.out:
+            self._send_buffered()
+
+    def on_writable(self) -> None:
+        if not self.out:
+            self._update_events()
             return
+        self._send_buffered()
+
+    def _send_buffered(self) -> None:
+        """Send what `out` holds. What the kernel does not take waits for write readiness, under a
+        write deadline that moves only when bytes do; once all is sent, `on_drained()`."""
         try:
             sent = self.sock.send(self.out)
         except BlockingIOError:
@@ -173,30 +183,14 @@ class Channel:
             return
         del self.out[:sent]
         if self.out:
-            self.write_deadline = self.loop.now + self.write_timeout
-            self._arm(self.write_deadline)
+            if sent or self.write_deadline is None:
+                self.write_deadline = self.loop.now + self.write_timeout
+                self._arm(self.write_deadline)
             self._update_events()
             return
-        self.on_drained()
-
-    def on_writable(self) -> None:
-        if not self.out:
+        if self.write_deadline is not None:  # it waited for write readiness: drop that interest
+            self.write_deadline = None
             self._update_events()
-            return
-        try:
-            sent = self.sock.send(self.out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._failed(exc)
-            return
-        del self.out[:sent]
-        if self.out:
-            self.write_deadline = self.loop.now + self.write_timeout
-            self._arm(self.write_deadline)
-            return
-        self.write_deadline = None
-        self._update_events()
         self.on_drained()
 
     @property
