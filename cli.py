@@ -25,6 +25,7 @@ Usage:
   pmdaemon lb enable <backend> [--json]
   pmdaemon lb export (nginx | haproxy) [--json]
   pmdaemon -h | --help
+  pmdaemon --version
 
 Arguments:
   <config>   a config file (.json or .toml)
@@ -40,6 +41,7 @@ Options:
   --detailed        add per-backend and per-status series
   --json            print one JSON document on stdout (lb monitor: one per frame, one per line)
   -h --help         show this help
+  --version         print the installed version
 
 Environment:
   PMDAEMON_HOME     where the daemon keeps its socket, logs and state [default: ~/.pmdaemon]
@@ -59,8 +61,9 @@ from pathlib import Path
 
 from docopt import DocoptExit, docopt
 
-from net.control import EXIT_RUNTIME, EXIT_USAGE, CommandFailed, ControlClient, DaemonNotRunning
-from net.tables import (Column, MonitorView, format_ago, format_bytes, format_duration, format_ms, format_percent,
+from pmdaemon import __version__
+from pmdaemon.control.protocol import EXIT_RUNTIME, EXIT_USAGE, CommandFailed, ControlClient, DaemonNotRunning
+from pmdaemon.control.tables import (Column, MonitorView, format_ago, format_bytes, format_duration, format_ms, format_percent,
                         render_pairs, render_table, use_colour)
 
 DAEMON_START_TIMEOUT = 15.0  # seconds to wait for a freshly spawned daemon's socket
@@ -215,7 +218,7 @@ DRAIN_COLUMNS = [
 
 
 def _load_config(path: str):
-    from net.configfile import ConfigError, load_config
+    from pmdaemon.config.loader import ConfigError, load_config
 
     try:
         return load_config(path)
@@ -231,13 +234,13 @@ def _load_config(path: str):
 
 
 def _home() -> Path:
-    from actors.daemon import default_home
+    from pmdaemon.control.daemon import default_home
     return default_home()
 
 
 def _spawn_daemon(client: ControlClient) -> bool:
     """Make sure a daemon runs for this home. True if this call started it."""
-    from actors.daemon import HomePaths, prepare_home
+    from pmdaemon.control.daemon import HomePaths, prepare_home
 
     try:
         client.call("ping", timeout=5)
@@ -248,7 +251,7 @@ def _spawn_daemon(client: ControlClient) -> bool:
     prepare_home(paths)
     with open(paths.log_file, "ab") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "actors.daemon", "--home", str(paths.home)],
+            [sys.executable, "-m", "pmdaemon.control.daemon", "--home", str(paths.home)],
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             cwd=paths.home, start_new_session=True)
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
@@ -293,7 +296,7 @@ def _wait_pid_gone(pid: int, timeout: float) -> bool:
 
 
 def _run_foreground(config, as_json: bool) -> int:
-    from actors.daemon import AlreadyRunning, Daemon, configure_logging, prepare_home
+    from pmdaemon.control.daemon import AlreadyRunning, Daemon, configure_logging, prepare_home
 
     daemon = Daemon(_home())
     try:
@@ -663,7 +666,7 @@ def _dispatch(args: dict):
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = docopt(__doc__, argv=sys.argv[1:] if argv is None else argv)
+        args = docopt(__doc__, argv=sys.argv[1:] if argv is None else argv, version=__version__)
     except DocoptExit as exc:
         print(exc, file=sys.stderr)
         print("run `pmdaemon --help` for the commands and their options", file=sys.stderr)

@@ -49,9 +49,9 @@ from typing import Callable, Iterable, Mapping
 
 import pykka
 
-from actors.messages import InstanceEvent, Tick
-from actors.timers import Timers
-from net.config import AppConfig, Config
+from pmdaemon.actors.messages import InstanceEvent, Tick
+from pmdaemon.control.timers import Timers
+from pmdaemon.config.model import AppConfig, Config
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ MISSING_BOTO3 = ("{where}: registering instances in an ALB target group needs bo
 
 @dataclass(frozen=True)
 class AlbSettings:
-    """One app's `aws.alb` block (net/configfile.py parses it into AppConfig.aws_alb)."""
+    """One app's `aws.alb` block (config/loader.py parses it into AppConfig.aws_alb)."""
 
     target_group_arn: str
     health_check_path: str

@@ -8,7 +8,7 @@ Theory of operation, per rule (`RuleTracker`, a plain class):
 A tick whose values lack the rule's metric (no answer from the metrics) changes nothing.
 
 Values come from a callable `values(listener_index) -> dict` (keyed by the metric names of
-`net/alertrule.py`, as `MetricsActor.alert_values` answers), called on the Alerter's thread; `values_from(metrics_ref)` makes one that asks
+`config/alertrule.py`, as `MetricsActor.alert_values` answers), called on the Alerter's thread; `values_from(metrics_ref)` makes one that asks
 the MetricsActor. The Alerter asks for the listener's current index at every tick, so a reload that
 moves the listener needs only `reconfigure(listener)`.
 
@@ -47,9 +47,9 @@ from urllib.parse import urlsplit
 
 import pykka
 
-from actors.messages import Tick
-from actors.timers import Timers
-from net.config import AlertRule, ListenerConfig, SmtpConfig
+from pmdaemon.actors.messages import Tick
+from pmdaemon.control.timers import Timers
+from pmdaemon.config.model import AlertRule, ListenerConfig, SmtpConfig
 
 log = logging.getLogger(__name__)
 

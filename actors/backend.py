@@ -17,10 +17,10 @@ from collections import deque
 
 import pykka
 
-from actors.breaker import is_backend_failure
-from actors.messages import BackendOutcomes, Eject
-from net.config import ListenerConfig
-from net.perfscore import Ewma
+from pmdaemon.actors.breaker import is_backend_failure
+from pmdaemon.actors.messages import BackendOutcomes, Eject
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.control.perfscore import Ewma
 
 LATENCY_HALF_LIFE = 10.0  # seconds: a response time counts half as much 10 s later
 ERROR_WINDOW = 60.0  # seconds of history behind error_rate and requests_per_second

@@ -16,11 +16,11 @@ import time
 
 import pykka
 
-from actors.messages import BackendOutcomes, BreakerEvent, Tick
-from actors.timers import Timers
-from net.breaker import BACKEND_FAILURES, CLOSED, Breaker, verdict
-from net.config import ListenerConfig
-from net.snapshot import OPEN, Outcome
+from pmdaemon.actors.messages import BackendOutcomes, BreakerEvent, Tick
+from pmdaemon.control.timers import Timers
+from pmdaemon.net.breaker import BACKEND_FAILURES, CLOSED, Breaker, verdict
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.snapshot import OPEN, Outcome
 
 
 def is_backend_failure(outcome: Outcome) -> bool:

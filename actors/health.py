@@ -1,7 +1,7 @@
 """HealthProbe actor: active checks of one listener's backends, health changes told to its Listener actor.
 
 Theory of operation:
-- Each backend has a `CheckTarget` (actors/healthcheck.py) and a `HealthCounter`. A backend is only
+- Each backend has a `CheckTarget` (control/healthcheck.py) and a `HealthCounter`. A backend is only
   checked while its process runs (the Listener tells `ProcessStatus`; a backend without a managed
   instance always runs). It starts down.
 - Rounds run on a bounded thread pool, so a slow or hanging backend occupies one worker and never
@@ -30,10 +30,10 @@ from typing import Sequence
 
 import pykka
 
-from actors.healthcheck import STARTING_INTERVAL, CheckTarget, HealthCounter, run_round
-from actors.messages import HealthEvent, MarkDown, ProcessStatus, Tick
-from actors.timers import TimerHandle, Timers
-from net.config import ListenerConfig
+from pmdaemon.control.healthcheck import STARTING_INTERVAL, CheckTarget, HealthCounter, run_round
+from pmdaemon.actors.messages import HealthEvent, MarkDown, ProcessStatus, Tick
+from pmdaemon.control.timers import TimerHandle, Timers
+from pmdaemon.config.model import ListenerConfig
 
 MAX_CHECK_THREADS = 16
 

@@ -40,11 +40,11 @@ from typing import Callable
 
 import pykka
 
-from actors.messages import (BreakerEvent, EffectiveWeights, Eject, HealthEvent, InstanceEvent, MarkDown,
+from pmdaemon.actors.messages import (BreakerEvent, EffectiveWeights, Eject, HealthEvent, InstanceEvent, MarkDown,
                              ProcessStatus, Tick)
-from actors.timers import Timers
-from net.config import BackendConfig, ListenerConfig
-from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
+from pmdaemon.control.timers import Timers
+from pmdaemon.config.model import BackendConfig, ListenerConfig
+from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
 
 CLOSED = "closed"
 

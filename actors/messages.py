@@ -1,9 +1,9 @@
 """Messages the actors `tell` each other. Frozen dataclasses: a message is never mutated after send."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from net.snapshot import Outcome
+from pmdaemon.net.snapshot import Outcome
 
 
 @dataclass(frozen=True)
@@ -25,17 +25,6 @@ class InstanceUsage:
     no longer collected)."""
 
     samples: tuple[tuple[str, float, int], ...]  # (instance name, CPU % of one core, resident bytes) of the process tree
-
-
-@dataclass(frozen=True)
-class LoopReport:
-    """IOLoop -> control plane, at most every 50 ms: what happened since the last report."""
-
-    outcomes: tuple[Outcome, ...]
-    active: dict = field(default_factory=dict)  # (listener, backend) -> requests/connections in flight
-    client_connections: dict = field(default_factory=dict)  # listener -> open client connections
-    # listener -> {client region (None = unknown): requests}, from strategies that resolve regions
-    client_regions: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -93,7 +82,7 @@ class MarkDown:
 
 @dataclass(frozen=True)
 class Tick:
-    """A timer firing inside one actor (sent by `actors/timers.py`); `key` says which timer."""
+    """A timer firing inside one actor (sent by `control/timers.py`); `key` says which timer."""
 
     key: object
 

@@ -1,6 +1,6 @@
 """MetricsActor: rolls up the loop's outcome batches and exports them (Prometheus endpoint, statsd).
 
-The counting itself is `net/metrics.py` (sans-I/O); this actor adds the clock, the exports and the
+The counting itself is `control/metrics.py` (sans-I/O); this actor adds the clock, the exports and the
 threads they need:
 
 - Prometheus: one small `http.server` per distinct configured (host, port), default
@@ -36,11 +36,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import pykka
 
-from actors.messages import InstanceUsage, LoopReport, Tick
-from actors.timers import Timers
-from net.config import ListenerConfig
-from net.metrics import LoadBalancerMetrics, json_samples, render_prometheus
-from net.statsd import StatsdEncoder, TimingSample
+from pmdaemon.actors.messages import InstanceUsage, Tick
+from pmdaemon.net.snapshot import LoopReport
+from pmdaemon.control.timers import Timers
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.control.metrics import LoadBalancerMetrics, json_samples, render_prometheus
+from pmdaemon.control.statsd import StatsdEncoder, TimingSample
 
 log = logging.getLogger(__name__)
 

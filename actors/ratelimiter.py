@@ -12,8 +12,8 @@ from collections import Counter
 
 import pykka
 
-from actors.messages import BackendOutcomes
-from net.config import RateLimiting
+from pmdaemon.actors.messages import BackendOutcomes
+from pmdaemon.config.model import RateLimiting
 
 MAX_TRACKED_CLIENTS = 10_000  # refusal counts per client IP; beyond it, the smallest counts are dropped
 

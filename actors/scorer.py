@@ -2,7 +2,7 @@
 
 It gathers each backend's response-time and error-rate EWMAs from the Backend actors and the CPU
 and memory of each instance's process tree from the supervisor, hands them to
-`net.perfscore.PerformanceScorer` (which moves weights gradually) and tells the Listener actor the
+`pmdaemon.control.perfscore.PerformanceScorer` (which moves weights gradually) and tells the Listener actor the
 result as `EffectiveWeights`. It is the only actor that asks others on a timer; none of those it
 asks ever asks it or the Listener back, so no wait cycle can form.
 """
@@ -12,10 +12,10 @@ import logging
 
 import pykka
 
-from actors.messages import EffectiveWeights, Tick
-from actors.timers import Timers
-from net.config import ListenerConfig
-from net.perfscore import MAX_WEIGHT, BackendMetrics, PerformanceScorer
+from pmdaemon.actors.messages import EffectiveWeights, Tick
+from pmdaemon.control.timers import Timers
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.control.perfscore import MAX_WEIGHT, BackendMetrics, PerformanceScorer
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Each instance (`<app>-<i>`) is a record owned by the actor thread: its `InstanceSpec`, its status,
 its current process, what the operator wants of it (`goal`: run, stop or remove) and its restart
-history (actors/restartpolicy.py). Statuses:
+history (control/restartpolicy.py). Statuses:
 
   launching        being spawned; becomes online as soon as the spawn succeeds
   online           its process runs. Like PM2, an instance is online from a successful spawn,
@@ -17,7 +17,7 @@ history (actors/restartpolicy.py). Statuses:
                    spawn failure (missing interpreter); `list()` says why in `error`
 
 The actor never blocks on a process (except `stop_all()`, which is for shutdown). The watcher thread
-(actors/procwatch.py) tells it `_ChildExited` the moment a process exits, and its timers tell it
+(control/procwatch.py) tells it `_ChildExited` the moment a process exits, and its timers tell it
 `_RestartDue`, `_KillDue` and `_SampleTick`. Each message carries the spawn generation, so a late
 message about an older process of the instance is ignored.
 
@@ -53,13 +53,13 @@ from pathlib import Path
 import psutil
 import pykka
 
-from actors.messages import InstanceEvent, InstanceUsage
-from actors.procwatch import ProcessWatcher, kill_and_reap
-from actors.restartpolicy import ERRORED as VERDICT_ERRORED
-from actors.restartpolicy import RESTART, RestartHistory, RestartRules
-from actors.timers import TimerHandle
-from net.config import AppConfig, InstanceSpec
-from net.configfile import instance_spec
+from pmdaemon.actors.messages import InstanceEvent, InstanceUsage
+from pmdaemon.control.procwatch import ProcessWatcher, kill_and_reap
+from pmdaemon.control.restartpolicy import ERRORED as VERDICT_ERRORED
+from pmdaemon.control.restartpolicy import RESTART, RestartHistory, RestartRules
+from pmdaemon.control.timers import TimerHandle
+from pmdaemon.config.model import AppConfig, InstanceSpec
+from pmdaemon.config.model import instance_spec
 
 LAUNCHING = "launching"
 ONLINE = "online"

@@ -183,7 +183,7 @@ def main() -> None:
     try:
         backends = start_backends(tmp)
         env = dict(os.environ, PMDAEMON_HOME=str(tmp / "home"))
-        daemon = subprocess.Popen([sys.executable, "-m", "cli", "start", options.config, "--no-daemon"], env=env,
+        daemon = subprocess.Popen([sys.executable, "-m", "pmdaemon", "start", options.config, "--no-daemon"], env=env,
                                   stdout=open(tmp / "daemon.log", "w"), stderr=subprocess.STDOUT, process_group=0)
         wait_for_port(port, daemon)
         process = psutil.Process(daemon.pid)

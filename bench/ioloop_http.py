@@ -10,9 +10,9 @@ import os
 import signal
 import threading
 
-from net.config import BackendConfig, ListenerConfig
-from net.loop import IOLoop
-from net.snapshot import UP, BackendView, PoolSnapshot
+from pmdaemon.config.model import BackendConfig, ListenerConfig
+from pmdaemon.net.loop import IOLoop
+from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
 
 
 def serve(backends_variable: str, port_variable: str, default_port: str, **listener_options) -> None:

@@ -19,7 +19,7 @@ DUR=${DUR:-20} CONNS=${CONNS:-64} THREADS=${THREADS:-4} RELOADS=${RELOADS:-2} IN
 for tool in wrk node python3; do command -v $tool >/dev/null || { echo "missing $tool"; exit 1; }; done
 TMP=$(mktemp -d /tmp/pmdaemon-reload-XXXXXX)
 export PMDAEMON_HOME=$TMP/home NO_COLOR=1
-PM() { python3 -m cli "$@"; }
+PM() { python3 -m pmdaemon "$@"; }
 
 cleanup() {
   local pid; pid=$(cat "$PMDAEMON_HOME/daemon.pid" 2>/dev/null)

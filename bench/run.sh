@@ -40,7 +40,7 @@ command -v pmdaemon >/dev/null || { echo "pmdaemon not on PATH: pip install -e $
 mkdir -p "$RESULTS"; MODES=("$@"); [ ${#MODES[@]} -gt 0 ] || MODES=(http variants tls idle startup profile)
 cleanup() { rm -rf "$TMP"/home-*; }
 { echo "HEAD $(git -C "$ROOT" log -1 --format='%h %cI %s')"; echo "uncommitted (measured as they are, editable install):"
-  git -C "$ROOT" status --short -- net actors cli.py; } >"$RESULTS/git.txt"
+  git -C "$ROOT" status --short -- net actors config control cli.py; } >"$RESULTS/git.txt"
 trap cleanup EXIT; trap 'exit 130' INT TERM
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

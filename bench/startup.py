@@ -27,7 +27,7 @@ SERVER = ROOT / "examples" / "apps" / "server.py"
 
 def pmdaemon(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     env = dict(os.environ, PMDAEMON_HOME=str(home))
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "pmdaemon", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -36,7 +36,7 @@ counts each half-open backend's trials until the control plane's next snapshot.
 """
 from __future__ import annotations
 
-from net.snapshot import HALF_OPEN, OPEN, Outcome
+from pmdaemon.net.snapshot import HALF_OPEN, OPEN, Outcome
 
 CLOSED = "closed"
 BACKEND_FAILURES = frozenset({"connect", "timeout", "reset", "invalid_response"})  # Outcome.error values

@@ -11,10 +11,10 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from net.config import ListenerConfig
-from net.proxy import ClientConnection, HttpListener
-from net.tcpproxy import TcpListener
-from net.tls import HTTP_ALPN, ServerHandshake, TlsBackendConnection, backend_context, server_context
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.proxy import ClientConnection, HttpListener
+from pmdaemon.net.tcpproxy import TcpListener
+from pmdaemon.net.tls import HTTP_ALPN, ServerHandshake, TlsBackendConnection, backend_context, server_context
 
 
 @dataclass(frozen=True)

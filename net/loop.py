@@ -23,14 +23,13 @@ from functools import partial
 from selectors import EVENT_READ
 from typing import Callable
 
-from actors.messages import LoopReport
-from net.breaker import TrialSlots, verdict
-from net.channel import Poller
-from net.config import ListenerConfig
-from net.listeners import ListenerTls, make_listener
-from net.proxy import HttpListener
-from net.snapshot import Outcome, PoolSnapshot
-from net.strategies import make_strategy
+from pmdaemon.net.breaker import TrialSlots, verdict
+from pmdaemon.net.channel import Poller
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.listeners import ListenerTls, make_listener
+from pmdaemon.net.proxy import HttpListener
+from pmdaemon.net.snapshot import LoopReport, Outcome, PoolSnapshot
+from pmdaemon.net.strategies import make_strategy
 
 log = logging.getLogger("pmdaemon.loop")
 

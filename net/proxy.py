@@ -31,15 +31,15 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from net.accepting import accept_waiting
-from net.channel import Channel
-from net.config import ListenerConfig
-from net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead, field_value
-from net.responses import lb_response
-from net.snapshot import Outcome, PoolSnapshot
-from net.strategies import Strategy
-from net.tokenbucket import RateLimiter
-from net.upstream import RECV_SIZE, BackendConnection, UpstreamPool
+from pmdaemon.net.accepting import accept_waiting
+from pmdaemon.net.channel import Channel
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead, field_value
+from pmdaemon.net.responses import lb_response
+from pmdaemon.net.snapshot import Outcome, PoolSnapshot
+from pmdaemon.net.strategies import Strategy
+from pmdaemon.net.tokenbucket import RateLimiter
+from pmdaemon.net.upstream import RECV_SIZE, BackendConnection, UpstreamPool
 
 HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
 HOP_BY_HOP_BUT_UPGRADE = HOP_BY_HOP - {b"upgrade"}

@@ -6,11 +6,11 @@ numbers: `to_wire()` makes them JSON-serialisable, so the same message can later
 boundary over the socketpair instead of a queue.
 
 Loop -> actors: `Outcome` tuples, one per finished request (HTTP) or connection (TCP), sent in
-batches with `tell` (never `ask`) every few milliseconds.
+batches (`LoopReport`) with `tell` (never `ask`) every few milliseconds.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 UP, DOWN, DRAINING, OPEN, HALF_OPEN = "up", "down", "draining", "open", "half_open"
@@ -70,3 +70,14 @@ class Outcome(NamedTuple):
     # The load balancer produced the response itself; a backend failure only when it answered 502/504
     # for one (then `backend` and `error` say which and why), see net/breaker.py `verdict`.
     lb_made: bool
+
+
+@dataclass(frozen=True)
+class LoopReport:
+    """IOLoop -> control plane, at most every 50 ms: what happened since the last report."""
+
+    outcomes: tuple[Outcome, ...]
+    active: dict = field(default_factory=dict)  # (listener, backend) -> requests/connections in flight
+    client_connections: dict = field(default_factory=dict)  # listener -> open client connections
+    # listener -> {client region (None = unknown): requests}, from strategies that resolve regions
+    client_regions: dict = field(default_factory=dict)

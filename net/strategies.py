@@ -32,11 +32,11 @@ import os
 import time
 from typing import Callable, Protocol
 
-from net.config import ListenerConfig
-from net.geo import GeoResolver, TrustedProxies
-from net.hashring import HashRing
-from net.snapshot import DRAINING, HALF_OPEN, UP, BackendView, PoolSnapshot
-from net.sticky import SessionSigner, SessionTable, set_cookie_header
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.geo import GeoResolver, TrustedProxies
+from pmdaemon.net.hashring import HashRing
+from pmdaemon.net.snapshot import DRAINING, HALF_OPEN, UP, BackendView, PoolSnapshot
+from pmdaemon.net.sticky import SessionSigner, SessionTable, set_cookie_header
 
 NOTHING_TRIED: frozenset[int] = frozenset()
 # Longest a backend stays out on the loop's own word after a live failure (health_aware_round_robin):

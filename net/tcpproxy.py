@@ -37,12 +37,12 @@ import socket
 import ssl
 from selectors import EVENT_READ
 
-from net.accepting import accept_waiting
-from net.channel import Channel
-from net.config import ListenerConfig
-from net.snapshot import Outcome, PoolSnapshot
-from net.tls import ServerHandshake, handshake_step
-from net.tokenbucket import RateLimiter
+from pmdaemon.net.accepting import accept_waiting
+from pmdaemon.net.channel import Channel
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.snapshot import Outcome, PoolSnapshot
+from pmdaemon.net.tls import ServerHandshake, handshake_step
+from pmdaemon.net.tokenbucket import RateLimiter
 
 RECV_SIZE = 65536
 BUFFER_HIGH = 256 * 1024  # stop reading a side while the other side has this much unsent

@@ -41,10 +41,10 @@ import logging
 import socket
 import ssl
 
-from net.channel import Channel
-from net.config import ListenerConfig, SslConfig
-from net.responses import lb_response
-from net.upstream import BackendConnection
+from pmdaemon.net.channel import Channel
+from pmdaemon.config.model import ListenerConfig, SslConfig
+from pmdaemon.net.responses import lb_response
+from pmdaemon.net.upstream import BackendConnection
 
 # Mozilla's "intermediate" TLS 1.2 cipher list (ssl-config.mozilla.org, guideline 5.7). TLS 1.3 suites
 # are OpenSSL's defaults, which are exactly Mozilla's. The DHE suites take effect only where OpenSSL

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from net.config import RateLimiting
+from pmdaemon.config.model import RateLimiting
 
 # Enough for every client of a busy site; a flood of spoofed or rotating addresses evicts the least
 # recently seen buckets instead of growing memory. An evicted bucket had refilled to full or belongs

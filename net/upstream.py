@@ -17,10 +17,10 @@ from __future__ import annotations
 import errno
 import socket
 
-from net.channel import Channel
-from net.config import ListenerConfig
-from net.http1 import ResponseReader
-from net.snapshot import BackendView
+from pmdaemon.net.channel import Channel
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.http1 import ResponseReader
+from pmdaemon.net.snapshot import BackendView
 
 RECV_SIZE = 65536
 

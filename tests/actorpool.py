@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 
-from actors.health import HealthProbe
-from actors.listener import Listener
-from actors.timers import Timers
-from net.config import ListenerConfig
+from pmdaemon.actors.health import HealthProbe
+from pmdaemon.actors.listener import Listener
+from pmdaemon.control.timers import Timers
+from pmdaemon.config.model import ListenerConfig
 
 
 class Pool:

@@ -41,7 +41,7 @@ import pytest
 from quietports import quiet_port, quiet_port_range
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "cli"]
+CLI = [sys.executable, "-m", "pmdaemon"]
 DEFAULT_TIMEOUT = 30.0
 
 pytest_plugins = ("proxyharness",)
@@ -215,7 +215,7 @@ class ForegroundDaemon:
 @pytest.fixture
 def foreground_daemon(pmdaemon_home, tmp_path):
     """Factory: start `pmdaemon start <config> --no-daemon` and wait until the config is applied."""
-    from net.control import CommandFailed, ControlClient
+    from pmdaemon.control.protocol import CommandFailed, ControlClient
 
     started: list[ForegroundDaemon] = []
 

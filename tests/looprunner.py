@@ -14,9 +14,9 @@ from pathlib import Path
 
 import trustme
 
-from net.config import BackendConfig, ListenerConfig, SslConfig
-from net.loop import IOLoop
-from net.snapshot import UP, BackendView, PoolSnapshot
+from pmdaemon.config.model import BackendConfig, ListenerConfig, SslConfig
+from pmdaemon.net.loop import IOLoop
+from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
 from quietports import quiet_port as free_port  # re-exported: tests import it from here
 
 REPO = Path(__file__).resolve().parent.parent

@@ -27,9 +27,9 @@ moto_server = pytest.importorskip("moto.server",
                                   reason="moto[server] is not installed (pip install 'pmdaemon[aws-test]')")
 moto_elbv2 = pytest.importorskip("moto.elbv2.models")
 
-from actors.alb import ENDPOINT_ENV, default_target_id  # noqa: E402
-from actors.runtime import Runtime  # noqa: E402
-from net.configfile import ConfigError, load_config  # noqa: E402
+from pmdaemon.actors.alb import ENDPOINT_ENV, default_target_id  # noqa: E402
+from pmdaemon.control.runtime import Runtime  # noqa: E402
+from pmdaemon.config.loader import ConfigError, load_config  # noqa: E402
 
 REGION = "us-east-1"
 DUMMY_AWS_ENV = {

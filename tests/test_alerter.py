@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pykka
 import pytest
 
-from actors.alerter import (
+from pmdaemon.actors.alerter import (
     FIRING,
     RESOLVED,
     Alerter,
@@ -24,8 +24,8 @@ from actors.alerter import (
     send_email,
     values_from,
 )
-from actors.metrics import MetricsActor
-from net.config import AlertRule, AlertsConfig, BackendConfig, ListenerConfig, SmtpConfig
+from pmdaemon.actors.metrics import MetricsActor
+from pmdaemon.config.model import AlertRule, AlertsConfig, BackendConfig, ListenerConfig, SmtpConfig
 from quietports import quiet_port as free_port
 
 FAST = DeliveryPolicy(timeout=5.0, attempts=3, retry_delay=0.05)
@@ -252,11 +252,16 @@ def test_email_alert_is_delivered_with_login_from_the_environment(monkeypatch, c
         assert message["Subject"].strip() == "[pmdaemon] FIRING backend_down on http:18080: healthy_backends < 2 (value 1)"
         assert '"state": "firing"' in message.get_content()
         assert logins == [(b"alerts", password.encode())]
+        # The delivery thread logs "delivered" after QUIT, i.e. after the mailbox already holds the
+        # message: wait for the line (bounded) before stopping the actors.
+        deadline = time.monotonic() + 5
+        while not any("delivered" in line for line in _alerter_log(caplog)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert any("delivered" in line for line in _alerter_log(caplog))
     finally:
         pykka.ActorRegistry.stop_all()
         controller.stop()
-    ours = [r.getMessage() for r in caplog.records if r.name.startswith("actors")]
-    assert any("delivered" in line for line in ours)
+    ours = _alerter_log(caplog)
     assert not any(password in line for line in ours)
 
 
@@ -290,3 +295,7 @@ def test_a_missing_password_variable_is_a_clear_error_naming_the_variable(monkey
     r = rule(action="email", recipients=("admin@example.test",))
     with pytest.raises(PermanentFailure, match="PMDAEMON_TEST_UNSET_PASSWORD"):
         send_email(smtp, r.recipients, Notification(r, FIRING, 1, time.time(), listener(r)), timeout=1.0)
+
+
+def _alerter_log(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("pmdaemon.actors")]

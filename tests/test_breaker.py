@@ -1,8 +1,8 @@
 """Circuit breaker state machine: every transition, with explicit time."""
 import pytest
 
-from net.breaker import CLOSED, Breaker
-from net.snapshot import HALF_OPEN, OPEN
+from pmdaemon.net.breaker import CLOSED, Breaker
+from pmdaemon.net.snapshot import HALF_OPEN, OPEN
 
 
 def tripped(now=100.0, threshold=3, recovery=30.0, trials=2) -> Breaker:

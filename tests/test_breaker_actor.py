@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from actors.breaker import CircuitBreaker
-from actors.messages import BackendOutcomes
-from net.config import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
-from net.snapshot import HALF_OPEN, OPEN, UP, Outcome
+from pmdaemon.actors.breaker import CircuitBreaker
+from pmdaemon.actors.messages import BackendOutcomes
+from pmdaemon.config.model import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
+from pmdaemon.net.snapshot import HALF_OPEN, OPEN, UP, Outcome
 from actorpool import Pool
 from conftest import free_port, wait_until
 from tinybackend import TinyBackend

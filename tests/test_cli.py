@@ -17,8 +17,8 @@ import pytest
 
 from conftest import (CLI, REPO, daemon_pid, free_port, free_port_range, http_app_config, process_alive,
                       processes_of_home, wait_until, write_config)
-from net.control import socket_path
-from net.tables import Column, MonitorView, format_bytes, format_duration, render_table, use_colour
+from pmdaemon.control.protocol import socket_path
+from pmdaemon.control.tables import Column, MonitorView, format_bytes, format_duration, render_table, use_colour
 
 
 def _online(pmdaemon, count: int) -> list[dict]:

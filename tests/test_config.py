@@ -11,10 +11,10 @@ import sys
 import pytest
 import trustme
 
-from net import units
-from net.alertrule import parse_condition
-from net.config import Endpoint, HealthCheckConfig
-from net.configfile import ConfigError, effective_config, load_config
+from pmdaemon.config import units
+from pmdaemon.config.alertrule import parse_condition
+from pmdaemon.config.model import Endpoint, HealthCheckConfig
+from pmdaemon.config.loader import ConfigError, effective_config, load_config
 
 CPUS = len(os.sched_getaffinity(0))
 

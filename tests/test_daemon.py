@@ -14,7 +14,7 @@ import pytest
 
 from conftest import (REPO, daemon_pid, descendants, free_port_range, http_app_config, process_alive,
                       processes_of_home, wait_until, write_config)
-from net.control import (MAX_MESSAGE_SIZE, CommandFailed, ControlClient, DaemonNotRunning,
+from pmdaemon.control.protocol import (MAX_MESSAGE_SIZE, CommandFailed, ControlClient, DaemonNotRunning,
                          LineBuffer, ProtocolError, decode_request, decode_response, encode_error, encode_request,
                          encode_result, socket_path)
 
@@ -78,7 +78,7 @@ def test_an_answer_too_large_to_send_becomes_an_error():
 @pytest.fixture
 def bare_daemon(pmdaemon, pmdaemon_home):
     """A detached daemon with no config (what `pmdaemon start` spawns). Returns its pid."""
-    process = subprocess.Popen([sys.executable, "-m", "actors.daemon", "--home", str(pmdaemon_home)],
+    process = subprocess.Popen([sys.executable, "-m", "pmdaemon.control.daemon", "--home", str(pmdaemon_home)],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     client = ControlClient(pmdaemon_home, timeout=5)
@@ -184,7 +184,7 @@ def test_another_uid_is_refused(bare_daemon, pmdaemon_home):
 
 
 def test_a_second_daemon_on_the_same_home_is_refused(bare_daemon, pmdaemon_home, pmdaemon, tmp_path):
-    second = subprocess.run([sys.executable, "-m", "actors.daemon", "--home", str(pmdaemon_home)],
+    second = subprocess.run([sys.executable, "-m", "pmdaemon.control.daemon", "--home", str(pmdaemon_home)],
                             cwd=REPO, capture_output=True, text=True, timeout=15)
     assert second.returncode == 1
     assert "already running" in second.stderr and str(bare_daemon.pid) in second.stderr
@@ -202,7 +202,7 @@ def test_a_stale_socket_from_a_dead_daemon_is_replaced(bare_daemon, pmdaemon_hom
     assert socket_path(pmdaemon_home).exists()
     with pytest.raises(DaemonNotRunning):
         ControlClient(pmdaemon_home).call("ping")
-    replacement = subprocess.Popen([sys.executable, "-m", "actors.daemon", "--home", str(pmdaemon_home)],
+    replacement = subprocess.Popen([sys.executable, "-m", "pmdaemon.control.daemon", "--home", str(pmdaemon_home)],
                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
     try:

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import trustme
 
-from net.configfile import effective_config, load_config
+from pmdaemon.config.loader import effective_config, load_config
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.json")) + sorted(EXAMPLES.glob("*.toml"))

@@ -1,4 +1,4 @@
-"""`pmdaemon lb export nginx|haproxy` (net/export.py): the output must be config the real servers accept.
+"""`pmdaemon lb export nginx|haproxy` (control/export.py): the output must be config the real servers accept.
 
 Every rendered config goes through `nginx -t` (wrapped in a minimal nginx.conf: the http-context
 part inside `http {}`, the `stream {}` block at main level) and `haproxy -c`. Neither binds the
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
-from net.configfile import load_config, parse_config
-from net.export import render
-from net.snapshot import DOWN, DRAINING, OPEN, UP, BackendView
+from pmdaemon.config.loader import load_config, parse_config
+from pmdaemon.control.export import render
+from pmdaemon.net.snapshot import DOWN, DRAINING, OPEN, UP, BackendView
 
 NGINX = shutil.which("nginx")
 HAPROXY = shutil.which("haproxy")

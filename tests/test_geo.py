@@ -3,7 +3,7 @@ import importlib.util
 
 import pytest
 
-from net.geo import GeoResolver, PrefixTable, TrustedProxies, parse_ip, region_from_record
+from pmdaemon.net.geo import GeoResolver, PrefixTable, TrustedProxies, parse_ip, region_from_record
 
 GEO = {
     "10.0.0.0/8": "us-west-1",

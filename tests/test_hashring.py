@@ -1,7 +1,7 @@
 """Consistent hash ring: stability under membership change and evenness."""
 from collections import Counter
 
-from net.hashring import HashRing
+from pmdaemon.net.hashring import HashRing
 
 FIVE = {f"127.0.0.1:{3000 + i}": 1 for i in range(5)}
 CLIENTS = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}".encode() for i in range(20000)]

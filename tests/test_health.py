@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from net.config import BackendConfig, HealthCheckConfig, ListenerConfig
-from net.snapshot import DOWN, UP
+from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
+from pmdaemon.net.snapshot import DOWN, UP
 from actorpool import Pool
 from conftest import free_port, wait_until
 from tinybackend import TinyBackend

@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from net.http1 import (END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead,
+from pmdaemon.net.http1 import (END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead,
                        ResponseReader)
 
 
@@ -239,7 +239,7 @@ _FIELD_PARTS = [b"Host", b"X-A", b"x-b", b":", b" ", b"\t", b"v", b"\r\n", b"a b
 @given(st.lists(st.sampled_from(_FIELD_PARTS), max_size=30))
 def test_fast_field_split_agrees_with_the_strict_line_parser(parts):
     """The regex fast path of _split_head accepts and splits exactly like the per-line checker."""
-    from net.http1 import _check_fields, _split_head
+    from pmdaemon.net.http1 import _check_fields, _split_head
     head = b"GET / HTTP/1.1\r\n" + b"".join(parts)
     try:
         first, fields = _split_head(head, 400, 1000)

@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from actors.messages import BreakerEvent, Eject, InstanceEvent
-from net.config import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
-from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP
+from pmdaemon.actors.messages import BreakerEvent, Eject, InstanceEvent
+from pmdaemon.config.model import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
+from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP
 from actorpool import Pool
 from conftest import free_port, wait_until
 from tinybackend import TinyBackend

@@ -2,9 +2,9 @@
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from net.alertrule import METRICS as ALERT_METRICS
-from net.config import BackendConfig, ListenerConfig, MonitoringConfig
-from net.metrics import (
+from pmdaemon.config.alertrule import METRICS as ALERT_METRICS
+from pmdaemon.config.model import BackendConfig, ListenerConfig, MonitoringConfig
+from pmdaemon.control.metrics import (
     LATENCY_BUCKETS,
     ERROR_KINDS,
     Family,
@@ -13,7 +13,7 @@ from net.metrics import (
     json_samples,
     render_prometheus,
 )
-from net.snapshot import Outcome
+from pmdaemon.net.snapshot import Outcome
 
 A = BackendConfig("127.0.0.1", 3001, instance="web-0", app="web")
 B = BackendConfig("127.0.0.1", 3002, instance="web-1", app="web")

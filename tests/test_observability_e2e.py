@@ -162,7 +162,7 @@ def stack_config(app_script: Path, base: int, port: int, *, metrics_port: int | 
 
 def start_foreground(home: Path, config: Path, log: Path, env: dict | None = None) -> ForegroundDaemon:
     """`pmdaemon start <config> --no-daemon` in `home`, returned once the config is applied."""
-    from net.control import CommandFailed, ControlClient
+    from pmdaemon.control.protocol import CommandFailed, ControlClient
 
     runner = PmdaemonRunner(home)
     with open(log, "w") as out:
@@ -190,7 +190,7 @@ def start_foreground(home: Path, config: Path, log: Path, env: dict | None = Non
 def control(pmdaemon, command: str, **args):
     """Ask the daemon directly, for polling: the same answer the CLI prints with --json, without a
     Python start-up per poll (the assertions that matter go through the CLI)."""
-    from net.control import ControlClient
+    from pmdaemon.control.protocol import ControlClient
 
     return ControlClient(pmdaemon.home, timeout=10).call(command, args or None)
 

@@ -3,9 +3,9 @@ a live failure takes the backend out of the very next choice; the control plane'
 (or the short bridge ends) and a snapshot showing it UP after that wins."""
 import pytest
 
-from net.config import ListenerConfig
-from net.snapshot import DOWN, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
-from net.strategies import LOCAL_EJECTION_BRIDGE, make_strategy
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.snapshot import DOWN, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
+from pmdaemon.net.strategies import LOCAL_EJECTION_BRIDGE, make_strategy
 
 BASE_PORT = 3000
 STRATEGIES = ["round_robin", "weighted_round_robin", "least_connections", "ip_hash", "sticky_sessions",

@@ -1,7 +1,7 @@
 """Performance scores -> weights, and the time-aware EWMA."""
 import pytest
 
-from net.perfscore import FLOOR, MAX_WEIGHT, BackendMetrics, Ewma, PerformanceScorer
+from pmdaemon.control.perfscore import FLOOR, MAX_WEIGHT, BackendMetrics, Ewma, PerformanceScorer
 
 CONFIG_WEIGHTS = {"response_time": 0.4, "cpu_usage": 0.3, "memory_usage": 0.2, "error_rate": 0.1}
 FAST, SLOW = 0.001, 0.051  # seconds per request: slow = 50 ms more

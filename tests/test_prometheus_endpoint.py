@@ -6,10 +6,10 @@ import pykka
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.messages import LoopReport
-from actors.metrics import MetricsActor
-from net.config import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
-from net.snapshot import Outcome
+from pmdaemon.net.snapshot import LoopReport
+from pmdaemon.actors.metrics import MetricsActor
+from pmdaemon.config.model import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
+from pmdaemon.net.snapshot import Outcome
 from quietports import quiet_port as free_port
 
 

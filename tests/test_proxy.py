@@ -9,7 +9,7 @@ import time
 import pytest
 
 from backends import pattern_bytes, ws_frame
-from net.config import ConnectionPool, Limits, RateLimiting, Retries, Timeouts
+from pmdaemon.config.model import ConnectionPool, Limits, RateLimiting, Retries, Timeouts
 from proxyharness import connect, exchange, get, read_all, read_response
 
 
@@ -349,7 +349,7 @@ def test_closed_connections_are_not_kept_until_their_deadlines(backends, lb):
     for those 10 s (at 15,000 connections/s that was 150,000 dead connections and 100 MB of RSS)."""
     import gc
 
-    from net.proxy import ClientConnection
+    from pmdaemon.net.proxy import ClientConnection
 
     (a,) = backends(1)
     proxy = lb([a])

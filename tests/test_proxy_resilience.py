@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from net.config import Retries, Timeouts
+from pmdaemon.config.model import Retries, Timeouts
 from proxyharness import connect, get, read_all, read_response
 
 
@@ -134,7 +134,7 @@ def test_removed_listener_finishes_in_flight_requests(backends, lb):
 
 
 def test_a_failing_handler_costs_one_connection_not_the_loop(backends, lb, caplog):
-    from net.strategies import make_strategy
+    from pmdaemon.net.strategies import make_strategy
 
     def buggy_factory(cfg):
         strategy = make_strategy(cfg)

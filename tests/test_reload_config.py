@@ -1,6 +1,6 @@
 """`pmdaemon reload --config` and SIGHUP: a changed config applied in place, with traffic flowing.
 
-From the plan (net/configdiff.py, pure) through the Listener actor's pool replacement to the whole
+From the plan (config/diff.py, pure) through the Listener actor's pool replacement to the whole
 daemon: real instances, real listeners, real clients (tests/loadclient.py), the CLI and signals.
 """
 from __future__ import annotations
@@ -17,15 +17,15 @@ import pytest
 import trustme
 
 from actorpool import Pool
-from actors.health import HealthProbe
-from actors.messages import InstanceEvent
-from actors.runtime import Runtime
+from pmdaemon.actors.health import HealthProbe
+from pmdaemon.actors.messages import InstanceEvent
+from pmdaemon.control.runtime import Runtime
 from conftest import http_app_config, wait_until, write_config
 from loadclient import LoadClient
-from net.config import AppConfig, BackendConfig, HealthCheckConfig, ListenerConfig
-from net.configdiff import dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool
-from net.configfile import ConfigError, parse_config
-from net.snapshot import DOWN, DRAINING, UP
+from pmdaemon.config.model import AppConfig, BackendConfig, HealthCheckConfig, ListenerConfig
+from pmdaemon.config.diff import dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool
+from pmdaemon.config.loader import ConfigError, parse_config
+from pmdaemon.net.snapshot import DOWN, DRAINING, UP
 from quietports import quiet_port, quiet_port_range
 from tinybackend import TinyBackend
 

@@ -25,7 +25,7 @@ import pytest
 
 from conftest import REPO, http_app_config, wait_until, write_config
 from quietports import quiet_port, quiet_port_range
-from net.control import ControlClient
+from pmdaemon.control.protocol import ControlClient
 
 SWITCHABLE = Path(__file__).resolve().parent / "apps" / "switchable.py"
 TCP_ECHO = REPO / "examples" / "apps" / "tcp_echo.py"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.restartpolicy import ERRORED, RESTART, STOPPED, RestartHistory, RestartRules
+from pmdaemon.control.restartpolicy import ERRORED, RESTART, STOPPED, RestartHistory, RestartRules
 
 
 def crash_loop(rules: RestartRules, uptimes: list[float]):

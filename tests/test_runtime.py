@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import descendants, free_port, free_port_range, http_app_config, wait_until
-from net.configfile import parse_config
+from pmdaemon.config.loader import parse_config
 
-from actors.runtime import Runtime
+from pmdaemon.control.runtime import Runtime
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ import socket
 import pykka
 import pytest
 
-from actors.messages import LoopReport
-from actors.metrics import MetricsActor
-from net.config import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
-from net.metrics import Family
-from net.snapshot import Outcome
-from net.statsd import MAX_PAYLOAD, StatsdEncoder, TimingSample, gauge_lines, name_part, pack, timing_line
+from pmdaemon.net.snapshot import LoopReport
+from pmdaemon.actors.metrics import MetricsActor
+from pmdaemon.config.model import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
+from pmdaemon.control.metrics import Family
+from pmdaemon.net.snapshot import Outcome
+from pmdaemon.control.statsd import MAX_PAYLOAD, StatsdEncoder, TimingSample, gauge_lines, name_part, pack, timing_line
 
 
 def test_pack_never_exceeds_the_limit_and_keeps_every_line():

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from net.sticky import SessionSigner, SessionTable, load_or_create_key, set_cookie_header
+from pmdaemon.net.sticky import SessionSigner, SessionTable, load_or_create_key, set_cookie_header
 
 KEY = bytes(range(32))
 NOW = 1_700_000_000.0

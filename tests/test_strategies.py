@@ -3,11 +3,11 @@ from collections import Counter
 
 import pytest
 
-from net.config import STRATEGIES, AppBalancing, BackendConfig, ListenerConfig, SessionConfig, SslConfig
-from net.perfscore import BackendMetrics, PerformanceScorer
-from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
-from net.sticky import SessionSigner
-from net.strategies import (
+from pmdaemon.config.model import STRATEGIES, AppBalancing, BackendConfig, ListenerConfig, SessionConfig, SslConfig
+from pmdaemon.control.perfscore import BackendMetrics, PerformanceScorer
+from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
+from pmdaemon.net.sticky import SessionSigner
+from pmdaemon.net.strategies import (
     Geographic,
     HealthAwareRoundRobin,
     IpHash,

@@ -22,11 +22,11 @@ import psutil
 import pykka
 import pytest
 
-from actors.messages import InstanceEvent
-from actors.supervisor import ProcessSupervisor, UnknownTarget
+from pmdaemon.actors.messages import InstanceEvent
+from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
 from conftest import free_port, free_port_range, wait_until
-from net.config import AppConfig
-from net.configfile import instance_spec
+from pmdaemon.config.model import AppConfig
+from pmdaemon.config.model import instance_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SERVER = REPO / "examples" / "apps" / "server.py"

@@ -13,8 +13,8 @@ import pytest
 import trustme
 
 from looprunner import EchoServers, TlsFiles, running_loops, free_port, recv_until_closed, who
-from net.config import ConnectionPool, RateLimiting, Retries, Timeouts
-from net.snapshot import DOWN, UP
+from pmdaemon.config.model import ConnectionPool, RateLimiting, Retries, Timeouts
+from pmdaemon.net.snapshot import DOWN, UP
 
 MiB = 1 << 20
 
@@ -372,7 +372,7 @@ def test_tls_terminated_tcp_backend_closes_first(balancer, tmp_path):
 
 def test_tls_backends_from_a_tcp_listener(balancer, tmp_path):
     """backend_protocol https on a TCP listener: TLS towards a TLS echo backend, verified."""
-    from net.config import BackendTls
+    from pmdaemon.config.model import BackendTls
 
     files = TlsFiles(tmp_path)
     server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -403,10 +403,10 @@ def test_tls_backends_from_a_tcp_listener(balancer, tmp_path):
 def test_tls_tcp_listener_through_the_runtime(tmp_path):
     """tcp_echo instances run by the supervisor behind a TLS `type: "tcp"` listener from a config file:
     least_connections spreads held connections, `lb backends` counts them as active."""
-    from actors.runtime import Runtime
+    from pmdaemon.control.runtime import Runtime
     from conftest import free_port_range, wait_until
     from looprunner import TCP_ECHO
-    from net.configfile import parse_config
+    from pmdaemon.config.loader import parse_config
 
     files = TlsFiles(tmp_path)
     base, lb_port = free_port_range(3), free_port()

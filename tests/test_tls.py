@@ -18,9 +18,9 @@ import trustme
 
 from backends import RecordingBackend, pattern_bytes
 from looprunner import TlsFiles, running_loops
-from net.config import BackendTls, Limits, SslConfig
-from net.snapshot import UP, BackendView, PoolSnapshot
-from net.tls import MOZILLA_INTERMEDIATE_CIPHERS, server_context
+from pmdaemon.config.model import BackendTls, Limits, SslConfig
+from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
+from pmdaemon.net.tls import MOZILLA_INTERMEDIATE_CIPHERS, server_context
 
 
 @pytest.fixture
@@ -300,9 +300,9 @@ def test_tls_both_sides(tls_backend, balancer, tls_files):
 @pytest.mark.timeout(60)
 def test_https_listener_through_the_runtime(tmp_path, app_script):
     """The ssl-termination shape: app instances supervised, HTTPS listener from a parsed config."""
-    from actors.runtime import Runtime
+    from pmdaemon.control.runtime import Runtime
     from conftest import free_port, free_port_range, http_app_config, wait_until
-    from net.configfile import parse_config
+    from pmdaemon.config.loader import parse_config
 
     files = TlsFiles(tmp_path)
     lb_port = free_port()

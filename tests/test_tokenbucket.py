@@ -1,8 +1,8 @@
 """Token bucket and rate-limiting policy: pure, with explicit time."""
 import pytest
 
-from net.config import RateLimiting
-from net.tokenbucket import RateLimiter, TokenBucket
+from pmdaemon.config.model import RateLimiting
+from pmdaemon.net.tokenbucket import RateLimiter, TokenBucket
 
 
 def test_bucket_starts_full_and_admits_a_burst_of_capacity():

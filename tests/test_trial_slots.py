@@ -2,8 +2,8 @@
 trial requests per half-open period (bytes-in/bytes-out style: snapshots and outcomes in, answers out)."""
 from __future__ import annotations
 
-from net.breaker import TrialSlots, verdict
-from net.snapshot import HALF_OPEN, OPEN, UP, BackendView, Outcome, PoolSnapshot
+from pmdaemon.net.breaker import TrialSlots, verdict
+from pmdaemon.net.snapshot import HALF_OPEN, OPEN, UP, BackendView, Outcome, PoolSnapshot
 
 
 def outcome(backend: int, status: int = 200, error: str | None = None, lb_made: bool = False) -> Outcome:

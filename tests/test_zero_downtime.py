@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from actors.rollout import RolloutAborted
-from actors.runtime import Runtime
+from pmdaemon.control.rollout import RolloutAborted
+from pmdaemon.control.runtime import Runtime
 from conftest import REPO, http_app_config, wait_until, write_config
 from loadclient import LoadClient
-from net.configfile import parse_config
+from pmdaemon.config.loader import parse_config
 from quietports import quiet_port, quiet_port_range
 
 HEALTH = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout": 1, "failure_threshold": 2}

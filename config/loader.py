@@ -18,9 +18,9 @@ Then the cross-references are resolved (decisions.md section 3):
    are an error); other per-app options stay on each backend and reach the listener-level field
    when the apps agree and the listener does not set it.
 
-`effective_config(cfg)` (written in `net/configview.py`, re-exported here) is the reverse view: the
+`effective_config(cfg)` (written in `config/view.py`, re-exported here) is the reverse view: the
 merged config with every default filled in and durations written with their units, for
-`pmdaemon lb config`. `instance_spec(app, i)` builds instance i, also for `scale` beyond the config.
+`pmdaemon lb config`. `instance_spec(app, i)` (in `config/model.py`) builds instance i, also for `scale` beyond the config.
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ from urllib.parse import urlsplit
 
 import ujson
 
-from net import units
-from net.alertrule import parse_condition
-from net.config import (
+from pmdaemon.config import units
+from pmdaemon.config.alertrule import parse_condition
+from pmdaemon.config.model import (
     STRATEGIES,
     AlertRule,
     AlertsConfig,
@@ -66,8 +66,9 @@ from net.config import (
     SmtpConfig,
     SslConfig,
     Timeouts,
+    instance_spec,
 )
-from net.configview import effective_config  # noqa: F401  (re-exported: part of this module's API)
+from pmdaemon.config.view import effective_config  # noqa: F401  (re-exported: part of this module's API)
 
 TOP_KEYS = ("apps", "load_balancer")
 APP_KEYS = (
@@ -177,29 +178,6 @@ def parse_config(data: dict, source: str) -> Config:
     _check_apps_together(apps)
     listeners = _parse_listeners(top, apps, base_dir)
     return Config(source=source, apps=tuple(a.config for a in apps), listeners=listeners)
-
-
-def instance_spec(app: AppConfig, index: int) -> InstanceSpec:
-    """Instance `index` of `app` (also for instances added later by `scale`)."""
-    env = dict(app.env)
-    env["PM2_INSTANCE_ID"] = str(index)
-    env["NODE_APP_INSTANCE"] = str(index)
-    port = None
-    if app.base_port is not None and app.increment_var:
-        port = app.base_port + index
-    elif app.base_port is not None and index == 0:
-        port = app.base_port  # a lone instance's env PORT; copies made by scale would share it, so get none
-    if app.increment_var:
-        env[app.increment_var] = str(port)
-    return InstanceSpec(
-        name=f"{app.name}-{index}",
-        app=app.name,
-        index=index,
-        argv=(*app.interpreter, app.script, *app.args),
-        cwd=app.cwd,
-        env=env,
-        port=port,
-    )
 
 
 # --------------------------------------------------------------------------- reading typed values

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from net.config import AppConfig
+from pmdaemon.config.model import AppConfig
 
 RESTART = "restart"
 ERRORED = "errored"

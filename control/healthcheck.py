@@ -22,7 +22,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from net.config import BackendConfig, HealthCheckConfig, ListenerConfig
+from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
 
 # Connect probes of backends that have no active check.
 CONNECT_INTERVAL = 2.0  # while up: notice a closed port within a few seconds

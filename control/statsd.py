@@ -20,7 +20,7 @@ import random
 import re
 from typing import Iterable
 
-from net.metrics import Family
+from pmdaemon.control.metrics import Family
 
 MAX_PAYLOAD = 1432
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")

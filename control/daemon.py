@@ -5,7 +5,7 @@ Layout of a home (default `~/.pmdaemon`, overridden by the PMDAEMON_HOME environ
     daemon.pid          pid of the running daemon
     daemon.log          the daemon's own log (the detached daemon's stdout/stderr go there too)
     run/                mode 0700: only the owner may reach the socket
-    run/control.sock    the control socket (net/control.py protocol), bound under umask 077
+    run/control.sock    the control socket (control/protocol.py protocol), bound under umask 077
     run/daemon.lock     flock()ed for the daemon's whole life: the single-daemon guarantee
 
 Why a lock file as well as the pid file: a pid file alone cannot tell a live daemon from a dead one
@@ -17,7 +17,7 @@ Control connections are the control plane: each runs on its own short-lived thre
 number), never on the data-plane I/O loop. A connection from another uid (SO_PEERCRED) is refused.
 Garbage, oversized or wrong-version messages get an error answer; they never stop the daemon.
 
-Run detached with `python -m actors.daemon --home DIR` (what `pmdaemon start` does when no daemon
+Run detached with `python -m pmdaemon.control.daemon --home DIR` (what `pmdaemon start` does when no daemon
 runs); `pmdaemon start <config> --no-daemon` runs the same `Daemon` in the CLI's own process.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Callable
 
 import pykka
 
-from net.control import (EXIT_RUNTIME, EXIT_USAGE, MAX_MESSAGE_SIZE, CommandFailed, LineBuffer, ProtocolError,
+from pmdaemon.control.protocol import (EXIT_RUNTIME, EXIT_USAGE, MAX_MESSAGE_SIZE, CommandFailed, LineBuffer, ProtocolError,
                          decode_request, encode_error, encode_result, socket_path)
 
 log = logging.getLogger("pmdaemon.daemon")
@@ -282,7 +282,7 @@ class ControlServer:
 
 
 def _is_config_error(exc: Exception) -> bool:
-    from net.configfile import ConfigError
+    from pmdaemon.config.loader import ConfigError
     return isinstance(exc, ConfigError)
 
 
@@ -349,7 +349,7 @@ class Daemon:
 
     def start(self, config=None) -> dict | None:
         """Start the Runtime and the control server; apply `config` if given (and return its report)."""
-        from actors.runtime import Runtime
+        from pmdaemon.control.runtime import Runtime
 
         self.runtime = Runtime(self.paths.home)
         self._server.start()
@@ -468,7 +468,7 @@ class Daemon:
 
     @staticmethod
     def _load(path: str):
-        from net.configfile import load_config
+        from pmdaemon.config.loader import load_config
         return load_config(path)
 
     def _cmd_list(self, _args: dict) -> list:
@@ -476,7 +476,7 @@ class Daemon:
 
     def _target_command(self, verb: str, args: dict) -> list:
         """stop/restart/delete, answered once the instances have settled (PM2 waits the same way)."""
-        from actors.supervisor import UnknownTarget
+        from pmdaemon.actors.supervisor import UnknownTarget
 
         target = _arg_str(args, "target")
         supervisor = self._supervisor()
@@ -498,7 +498,7 @@ class Daemon:
         return self._target_command("delete", args)
 
     def _cmd_logs(self, args: dict) -> dict:
-        from actors.supervisor import UnknownTarget
+        from pmdaemon.actors.supervisor import UnknownTarget
 
         app = _arg_str(args, "app")
         lines = _arg_int(args, "lines", minimum=0)
@@ -585,11 +585,11 @@ def configure_logging(paths: HomePaths, foreground: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the detached daemon (`python -m actors.daemon --home DIR`).
+    """Entry point of the detached daemon (`python -m pmdaemon.control.daemon --home DIR`).
 
     It starts with no config and waits for `start` commands.
     """
-    parser = argparse.ArgumentParser(prog="python -m actors.daemon")
+    parser = argparse.ArgumentParser(prog="python -m pmdaemon.control.daemon")
     parser.add_argument("--home", type=Path, default=default_home())
     options = parser.parse_args(argv)
     daemon = Daemon(options.home)

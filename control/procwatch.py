@@ -35,7 +35,7 @@ from typing import Callable, Iterable
 
 import psutil
 
-from actors.timers import TimerHandle
+from pmdaemon.control.timers import TimerHandle
 
 log = logging.getLogger(__name__)
 

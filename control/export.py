@@ -42,8 +42,8 @@ from datetime import datetime
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
-from net.config import BackendConfig, HealthCheckConfig, ListenerConfig
-from net.snapshot import DRAINING, BackendView
+from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
+from pmdaemon.net.snapshot import DRAINING, BackendView
 
 FORMATS = ("nginx", "haproxy")
 HAPROXY_MAX_WEIGHT = 256

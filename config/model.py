@@ -1,6 +1,6 @@
 """The immutable, fully defaulted configuration object every other module consumes.
 
-`net/configfile.py` turns a JSON or TOML file into a `Config`; nothing else parses config files.
+`config/loader.py` turns a JSON or TOML file into a `Config`; nothing else parses config files.
 Internal units: every duration is a float in **seconds**, every size an int in **bytes**, whatever
 unit the file used (decisions.md section 1 fixes the file units). Objects are frozen dataclasses
 with tuples instead of lists, so a `Config` can be shared between threads and compared for reload.
@@ -280,3 +280,26 @@ class Config:
 
     def app(self, name: str) -> AppConfig | None:
         return next((a for a in self.apps if a.name == name), None)
+
+
+def instance_spec(app: AppConfig, index: int) -> InstanceSpec:
+    """Instance `index` of `app` (also for instances added later by `scale`)."""
+    env = dict(app.env)
+    env["PM2_INSTANCE_ID"] = str(index)
+    env["NODE_APP_INSTANCE"] = str(index)
+    port = None
+    if app.base_port is not None and app.increment_var:
+        port = app.base_port + index
+    elif app.base_port is not None and index == 0:
+        port = app.base_port  # a lone instance's env PORT; copies made by scale would share it, so get none
+    if app.increment_var:
+        env[app.increment_var] = str(port)
+    return InstanceSpec(
+        name=f"{app.name}-{index}",
+        app=app.name,
+        index=index,
+        argv=(*app.interpreter, app.script, *app.args),
+        cwd=app.cwd,
+        env=env,
+        port=port,
+    )

@@ -15,7 +15,7 @@ subscribes each Listener to the supervisor's InstanceEvents. The IOLoop runs on 
 never the loop, and the ones that change state (apply, drain, shutdown) take `self._lock`.
 
 Zero-downtime operations (`reload_app`, `scale`, `reload_config`) run one at a time on the calling
-thread, built from the steps of actors/rollout.py (drain, restart, wait healthy, put back) and from
+thread, built from the steps of control/rollout.py (drain, restart, wait healthy, put back) and from
 pool replacement: a listener whose pool or policies change keeps its socket, its connections and
 its Listener actor (`IOLoop.replace_listener`, `Listener.replace_pool`); the actors that address
 backends by position (HealthProbe, Backend, CircuitBreaker, Scorer) are replaced, the probe seeded
@@ -35,28 +35,29 @@ from pathlib import Path
 
 import pykka
 
-from actors import alb
-from actors.alerter import Alerter, values_from
-from actors.backend import Backend
-from actors.breaker import CircuitBreaker
-from actors.health import HealthProbe
-from actors.listener import Listener
-from actors.messages import BackendOutcomes, LoopReport
-from actors.metrics import MetricsActor
-from actors.ratelimiter import RateLimiter
-from actors.rollout import Instance, Rollout, RolloutAborted, Seat
-from actors.scorer import Scorer
-from actors.supervisor import ProcessSupervisor, UnknownTarget
-from actors.timers import Timers
-from net.config import AppConfig, BackendConfig, Config, ListenerConfig
-from net.configdiff import (backend_key, dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool,
+from pmdaemon.actors import alb
+from pmdaemon.actors.alerter import Alerter, values_from
+from pmdaemon.actors.backend import Backend
+from pmdaemon.actors.breaker import CircuitBreaker
+from pmdaemon.actors.health import HealthProbe
+from pmdaemon.actors.listener import Listener
+from pmdaemon.actors.messages import BackendOutcomes
+from pmdaemon.actors.metrics import MetricsActor
+from pmdaemon.actors.ratelimiter import RateLimiter
+from pmdaemon.control.rollout import Instance, Rollout, RolloutAborted, Seat
+from pmdaemon.actors.scorer import Scorer
+from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
+from pmdaemon.control.timers import Timers
+from pmdaemon.config.model import AppConfig, BackendConfig, Config, ListenerConfig
+from pmdaemon.config.diff import (backend_key, dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool,
                             with_app, with_listeners, with_started)
-from net.configfile import ConfigError, instance_spec
-from net.listeners import ListenerTls
-from net.loop import IOLoop
-from net.snapshot import HALF_OPEN, OPEN, UP, PoolSnapshot
-from net.sticky import load_or_create_key
-from net.strategies import make_strategy
+from pmdaemon.config.loader import ConfigError
+from pmdaemon.config.model import instance_spec
+from pmdaemon.net.listeners import ListenerTls
+from pmdaemon.net.loop import IOLoop
+from pmdaemon.net.snapshot import HALF_OPEN, OPEN, UP, LoopReport, PoolSnapshot
+from pmdaemon.net.sticky import load_or_create_key
+from pmdaemon.net.strategies import make_strategy
 
 ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
 LOOP_JOIN_TIMEOUT = 10.0
@@ -179,7 +180,7 @@ class Runtime:
         self._closed = False
         self._operations = threading.Lock()  # one reload / scale / reload --config at a time
         self._cancelled = threading.Event()  # set by shutdown: a waiting rollout gives up
-        self._next_listener_index = 0  # listener indexes are never reused (see net/configdiff.py)
+        self._next_listener_index = 0  # listener indexes are never reused (see config/diff.py)
         self._apps: dict[str, AppConfig] = {}  # every app applied, by name, as it runs now (scale included)
         # (listener index, app) -> what each backend of that app shares, for pools that follow its scale
         self._templates: dict[tuple[int, str], BackendConfig] = {}
@@ -337,7 +338,7 @@ class Runtime:
 
     def reload_app(self, target: str) -> dict:
         """`pmdaemon reload <app|instance|all>`: restart the instances one at a time, each drained first
-        and put back once healthy (actors/rollout.py). Raises RolloutAborted (a RuntimeError) naming the
+        and put back once healthy (control/rollout.py). Raises RolloutAborted (a RuntimeError) naming the
         instance that did not come back; the ones not yet reloaded were not touched and keep serving."""
         with self._operation():
             instances = self._instances(target)
@@ -642,7 +643,7 @@ class Runtime:
         return results
 
     def lb_config(self) -> dict:
-        from net.configfile import effective_config
+        from pmdaemon.config.loader import effective_config
 
         if self.config is None:
             raise RuntimeError("no config has been applied yet; start one with `pmdaemon start <config>`")
@@ -672,7 +673,7 @@ class Runtime:
         """The listeners and their live pools (each Listener's latest snapshot) as nginx or HAProxy config."""
         from datetime import datetime, timezone
 
-        from net.export import render
+        from pmdaemon.control.export import render
 
         units = self._units()
         if not units or self.config is None:

@@ -1,6 +1,6 @@
 """What changes between the running configuration and a new one (`start`, `reload --config`, `scale`); pure.
 
-The Runtime applies these plans (actors/runtime.py, actors/rollout.py); nothing here touches a
+The Runtime applies these plans (control/runtime.py, control/rollout.py); nothing here touches a
 socket, a process or an actor.
 
 Listeners are matched by port. A listener whose port stays keeps its `index` (and so its socket,
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Iterable, Mapping, Sequence
 
-from net.config import AppConfig, BackendConfig, Config, ListenerConfig
+from pmdaemon.config.model import AppConfig, BackendConfig, Config, ListenerConfig
 
 SPAWN_FIELDS = ("script", "args", "cwd", "interpreter", "env", "increment_var", "base_port")
 

@@ -1,6 +1,6 @@
 """Rolling operations on running instances: drain, stop, start, wait until healthy, put back.
 
-`pmdaemon reload`, `scale` and `reload --config` (actors/runtime.py) are built from these steps. They
+`pmdaemon reload`, `scale` and `reload --config` (control/runtime.py) are built from these steps. They
 run on the thread of the command that asked for them (a control connection, or the SIGHUP thread),
 never on an actor's thread or the I/O loop: they `ask` actors short questions and poll.
 
@@ -36,8 +36,8 @@ from typing import Callable, Sequence
 
 import pykka
 
-from actors.alb import deregister_and_wait
-from net.config import HealthCheckConfig
+from pmdaemon.actors.alb import deregister_and_wait
+from pmdaemon.config.model import HealthCheckConfig
 
 ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
 DRAIN_SETTLE = 0.15  # seconds: 3 loop report intervals, see the module docstring

@@ -52,8 +52,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
-from net.config import ListenerConfig
-from net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, Outcome
+from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, Outcome
 
 # Upper bounds (seconds) of the latency buckets; a last, implicit bucket holds everything slower.
 LATENCY_BUCKETS = (
@@ -458,7 +458,7 @@ class LoadBalancerMetrics:
         return {index: round(series.rate(now), 3) for index, series in self._sorted()}
 
     def alert_values(self, listener_index: int, now: float) -> dict:
-        """One listener's values for the metrics alert rules name (net/alertrule.py METRICS); {} if unknown.
+        """One listener's values for the metrics alert rules name (config/alertrule.py METRICS); {} if unknown.
 
         error_rate (percent of requests that failed: 5xx or a server-side error kind) and the
         response time quantiles (seconds) cover the last RECENT_WINDOW seconds, so they recover

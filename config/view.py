@@ -1,4 +1,4 @@
-"""`pmdaemon lb config`: the effective config as a JSON-ready dict, the reverse of `net/configfile.py`.
+"""`pmdaemon lb config`: the effective config as a JSON-ready dict, the reverse of `config/loader.py`.
 
 Every default is filled in and every duration is written with the unit its field takes in a config
 file ("5000ms" for timeouts, "30s" for health checks), so the output reads like a config and its
@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from net import units
-from net.config import AppBalancing, AppConfig, Config, Endpoint, HealthCheckConfig, ListenerConfig
+from pmdaemon.config import units
+from pmdaemon.config.model import AppBalancing, AppConfig, Config, Endpoint, HealthCheckConfig, ListenerConfig
 
 _SECRET_ENV = re.compile(r"PASS|SECRET|TOKEN|KEY|CREDENTIAL|AUTH|PRIVATE", re.IGNORECASE)
 

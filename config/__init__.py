@@ -1,0 +1,1 @@
+"""Configuration: the immutable `Config` (model), the file reader (loader) and its views."""
