@@ -17,6 +17,10 @@
 # Daemons on CPU_LB=0, wrk and nginx on CPU_GEN=1 (PIN=0: no taskset). Waits (bounded by
 # QUIET_WAIT) for other processes to use < QUIET % of a core before each run.
 #
+# CMD_<name> runs that config with another pmdaemon command instead of `pmdaemon`, e.g. an older
+# checkout for a before/after comparison of the same config in one run:
+#   CMD_before="env PYTHONPATH=/tmp/old python3 -m cli" bench/ab.sh before=bench/anchors-http.json after=bench/anchors-http.json
+#
 # Knobs: DUR=4 ROUNDS=5 CONNS=64 THREADS=2 WARM=2 SCRAPE_EVERY=5 BAR=1.10 QUIET=10 QUIET_WAIT=15
 set -u
 ROOT=$(git -C "$(dirname "$0")" rev-parse --show-toplevel)
@@ -59,7 +63,8 @@ done
 start_backends
 for name in "${NAMES[@]}"; do
   mkdir -p "$TMP/home-$name"
-  start "$CPU_LB" "$name" "${PORT[$name]}" env PMDAEMON_HOME="$TMP/home-$name" pmdaemon start "$TMP/$name.json" --no-daemon
+  command_var="CMD_$name"; read -r -a command <<<"${!command_var:-pmdaemon}"
+  start "$CPU_LB" "$name" "${PORT[$name]}" env PMDAEMON_HOME="$TMP/home-$name" "${command[@]}" start "$TMP/$name.json" --no-daemon
 done
 echo "# $(date -u +%FT%TZ) $(uname -r) nproc=$(nproc) PIN=$PIN DUR=$DUR ROUNDS=$ROUNDS CONNS=$CONNS" \
   "configs: $(for n in "${NAMES[@]}"; do printf '%s=:%s ' "$n" "${PORT[$n]}"; done)"
