@@ -36,11 +36,11 @@ counts each half-open backend's trials until the control plane's next snapshot.
 """
 from __future__ import annotations
 
-from pmdaemon.net.snapshot import HALF_OPEN, OPEN, Outcome
+from pmdaemon.net.snapshot import Outcome
+from pmdaemon.states import BackendState, BreakerState, ErrorKind
 
-CLOSED = "closed"
-BACKEND_FAILURES = frozenset({"connect", "timeout", "reset", "invalid_response"})  # Outcome.error values
-CLIENT_FAILURES = frozenset({"client_closed", "client_timeout"})  # the client went away or stalled
+BACKEND_FAILURES = frozenset({ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.RESET, ErrorKind.INVALID_RESPONSE})
+CLIENT_FAILURES = frozenset({ErrorKind.CLIENT_CLOSED, ErrorKind.CLIENT_TIMEOUT})  # the client went away or stalled
 
 
 def verdict(outcome: Outcome) -> bool | None:
@@ -76,7 +76,7 @@ class Breaker:
         self.failure_threshold = failure_threshold
         self.recovery_timeout = recovery_timeout
         self.half_open_requests = half_open_requests
-        self._state = CLOSED
+        self._state = BreakerState.CLOSED
         self._failures = 0
         self._opened_at = 0.0
         self._trials_in_flight = 0
@@ -89,30 +89,30 @@ class Breaker:
     @property
     def reopens_at(self) -> float | None:
         """When an OPEN breaker turns HALF_OPEN; None in the other states."""
-        return self._opened_at + self.recovery_timeout if self._state == OPEN else None
+        return self._opened_at + self.recovery_timeout if self._state == BreakerState.OPEN else None
 
-    def state(self, now: float) -> str:
-        if self._state == OPEN and now >= self._opened_at + self.recovery_timeout:
-            self._state = HALF_OPEN
+    def state(self, now: float) -> BreakerState:
+        if self._state == BreakerState.OPEN and now >= self._opened_at + self.recovery_timeout:
+            self._state = BreakerState.HALF_OPEN
             self._trials_in_flight = 0
             self._trial_successes = 0
         return self._state
 
-    def record(self, success: bool, now: float) -> str:
+    def record(self, success: bool, now: float) -> BreakerState:
         """The outcome of one request to this backend; returns the state afterwards."""
         state = self.state(now)
-        if state == CLOSED:
+        if state == BreakerState.CLOSED:
             if success:
                 self._failures = 0
             else:
                 self._failures += 1
                 if self._failures >= self.failure_threshold:
                     self._trip(now)
-        elif state == HALF_OPEN:
+        elif state == BreakerState.HALF_OPEN:
             if success:
                 self._trial_successes += 1
                 if self._trial_successes >= self.half_open_requests:
-                    self._state = CLOSED
+                    self._state = BreakerState.CLOSED
                     self._failures = 0
             else:
                 self._trip(now)
@@ -120,23 +120,23 @@ class Breaker:
 
     def try_acquire_trial(self, now: float) -> bool:
         """May one more trial request go to the backend now? True = admitted, a slot is taken."""
-        if self.state(now) != HALF_OPEN:
+        if self.state(now) != BreakerState.HALF_OPEN:
             return False
         if self._trials_in_flight + self._trial_successes >= self.half_open_requests:
             return False
         self._trials_in_flight += 1
         return True
 
-    def release_trial(self, success: bool | None, now: float) -> str:
+    def release_trial(self, success: bool | None, now: float) -> BreakerState:
         """End a trial taken with `try_acquire_trial`: True/False = its verdict, None = no verdict."""
-        if self._state == HALF_OPEN and self._trials_in_flight > 0:
+        if self._state == BreakerState.HALF_OPEN and self._trials_in_flight > 0:
             self._trials_in_flight -= 1
             if success is not None:
                 return self.record(success, now)
         return self.state(now)
 
     def _trip(self, now: float) -> None:
-        self._state = OPEN
+        self._state = BreakerState.OPEN
         self._opened_at = now
         self._failures = 0
         self._trials_in_flight = 0
@@ -163,7 +163,7 @@ class TrialSlots:
     def update(self, snapshot) -> None:
         periods = self._periods
         self._periods = {view.index: [view.half_open_slots, periods[view.index][1] if view.index in periods else 0]
-                         for view in snapshot.backends if view.state == HALF_OPEN}
+                         for view in snapshot.backends if view.state == BackendState.HALF_OPEN}
 
     def admits(self, backend: int, in_flight: int) -> bool:
         """May one more trial go to this half-open backend, with `in_flight` requests on it now?"""

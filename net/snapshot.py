@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
-UP, DOWN, DRAINING, OPEN, HALF_OPEN = "up", "down", "draining", "open", "half_open"
+from pmdaemon.states import BackendState
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class BackendView:
     port: int
     instance: str | None
     weight: int  # effective weight (performance_based changes it)
-    state: str  # UP, DOWN, DRAINING, OPEN or HALF_OPEN
+    state: BackendState
     region: str | None = None
     half_open_slots: int = 0  # concurrent trial requests admitted while HALF_OPEN
 
@@ -37,7 +37,7 @@ class BackendView:
     @property
     def routable(self) -> bool:
         """May take new unpinned requests."""
-        return self.state in (UP, HALF_OPEN)
+        return self.state in (BackendState.UP, BackendState.HALF_OPEN)
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,8 @@ class PoolSnapshot:
 
     @classmethod
     def from_wire(cls, data: dict) -> "PoolSnapshot":
-        return cls(data["listener"], data["version"], tuple(BackendView(**b) for b in data["backends"]))
+        backends = tuple(BackendView(**{**b, "state": BackendState(b["state"])}) for b in data["backends"])
+        return cls(data["listener"], data["version"], backends)
 
 
 class Outcome(NamedTuple):

@@ -35,8 +35,9 @@ from typing import Callable, Protocol
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.geo import GeoResolver, TrustedProxies
 from pmdaemon.net.hashring import HashRing
-from pmdaemon.net.snapshot import DRAINING, HALF_OPEN, UP, BackendView, PoolSnapshot
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot
 from pmdaemon.net.sticky import SessionSigner, SessionTable, set_cookie_header
+from pmdaemon.states import BackendState
 
 NOTHING_TRIED: frozenset[int] = frozenset()
 # Longest a backend stays out on the loop's own word after a live failure (health_aware_round_robin):
@@ -44,6 +45,8 @@ NOTHING_TRIED: frozenset[int] = frozenset()
 # short enough that a control plane that declined the ejection is not overruled for long.
 LOCAL_EJECTION_BRIDGE = 1.0  # seconds
 _XFF = b"x-forwarded-for"
+# A sticky pin still reaches a draining backend (its sessions finish there); a down or open one, never.
+_PINNABLE = frozenset({BackendState.UP, BackendState.HALF_OPEN, BackendState.DRAINING})
 
 TrialGate = Callable[[int], bool]
 Clock = Callable[[], float]
@@ -75,7 +78,7 @@ class _Peer:
         self.address = view.address
         # A weight below 1 cannot mean "no traffic" here (drain does that); it counts as 1.
         self.weight = max(view.weight, 1)
-        self.half_open = view.state == HALF_OPEN
+        self.half_open = view.state == BackendState.HALF_OPEN
 
 
 class _Rotation:
@@ -235,7 +238,7 @@ class HealthAwareRoundRobin(RoundRobin):
     def _rebuild(self, routable: tuple[_Peer, ...]) -> None:
         self._routable = routable
         if self._ejected:
-            still_up = {peer.index for peer in routable if peer.view.state == UP}
+            still_up = {peer.index for peer in routable if peer.view.state == BackendState.UP}
             self._ejected = {index: until for index, until in self._ejected.items() if index in still_up}
         self._rotate()
 
@@ -257,7 +260,7 @@ class HealthAwareRoundRobin(RoundRobin):
         now = self._monotonic()
         self._end_bridges(now)
         peer = self._by_index.get(index)
-        if peer is None or peer.view.state != UP or index in self._ejected:
+        if peer is None or peer.view.state != BackendState.UP or index in self._ejected:
             return
         if not any(other.index != index and other.index not in self._ejected for other in self._routable):
             return  # the last routable backend stays in
@@ -428,7 +431,7 @@ class StickySessions(RoundRobin):
 
     def _rebuild(self, routable: tuple[_Peer, ...]) -> None:
         super()._rebuild(routable)
-        pinnable = [peer for peer in self._peers if peer.view.state in (UP, HALF_OPEN, DRAINING)]
+        pinnable = [peer for peer in self._peers if peer.view.state in _PINNABLE]
         self._pinnable_by_id = {self._signer.backend_id(peer.address): peer for peer in pinnable}
         self._pinnable_by_address = {peer.address: peer for peer in pinnable}
 
