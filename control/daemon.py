@@ -13,9 +13,8 @@ whose pid was reused, and two daemons starting at once would both see "no daemon
 drops a flock when its holder dies, however it dies, so whoever holds the lock *is* the daemon,
 and a socket found without a lock holder is stale and is replaced.
 
-Control connections are the control plane: each runs on its own short-lived thread (bounded in
-number), never on the data-plane I/O loop. A connection from another uid (SO_PEERCRED) is refused.
-Garbage, oversized or wrong-version messages get an error answer; they never stop the daemon.
+The control socket itself (accepting, framing, refusing other uids) is control/server.py's; this
+module decides what each command does, mostly by calling a Runtime method.
 
 Run detached with `python -m pmdaemon.control.daemon --home DIR` (what `pmdaemon start` does when no daemon
 runs); `pmdaemon start <config> --no-daemon` runs the same `Daemon` in the CLI's own process.
@@ -27,10 +26,7 @@ import errno
 import fcntl
 import logging
 import os
-import selectors
 import signal
-import socket
-import struct
 import sys
 import threading
 import time
@@ -40,14 +36,11 @@ from typing import Callable
 
 import pykka
 
-from pmdaemon.control.protocol import (EXIT_RUNTIME, EXIT_USAGE, MAX_MESSAGE_SIZE, CommandFailed, LineBuffer, ProtocolError,
-                         decode_request, encode_error, encode_result, socket_path)
+from pmdaemon.control.protocol import CommandFailed, ProtocolError, socket_path
+from pmdaemon.control.server import AlreadyRunning, ControlServer
 
 log = logging.getLogger("pmdaemon.daemon")
 
-MAX_CONNECTIONS = 32  # concurrent control connections; more are answered "busy" and closed
-IDLE_TIMEOUT = 30.0  # seconds a control connection may stay silent before it is closed
-MAX_SOCKET_PATH = 107  # bytes in sockaddr_un.sun_path, less the terminating NUL
 ASK_TIMEOUT = 120.0  # seconds to wait for a supervisor answer (a stop waits for kill_timeout)
 
 
@@ -87,10 +80,6 @@ class HomePaths:
             return None
 
 
-class AlreadyRunning(Exception):
-    """Another daemon holds this home's lock."""
-
-
 def prepare_home(paths: HomePaths) -> None:
     """Create the home and its 0700 run directory; refuse a run directory owned by someone else."""
     paths.home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -102,190 +91,6 @@ def prepare_home(paths: HomePaths) -> None:
     os.chmod(paths.run_dir, 0o700)
 
 
-def peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
-
-
-# ---------------------------------------------------------------------------------------------
-# Control socket server
-
-
-Handler = Callable[[str, dict], tuple[object, Callable[[], None] | None]]
-
-
-class ControlServer:
-    """Accepts connections on the control socket (one selectors thread) and serves each on a thread.
-
-    `handler(cmd, args)` returns (result, after_send): `after_send`, if any, runs once the answer
-    has been written, which is how `kill` answers before the daemon starts tearing itself down.
-    It raises ProtocolError / CommandFailed (their `exit` is passed on) or any other exception
-    (answered as a runtime failure, exit 1, and logged with its traceback).
-    """
-
-    def __init__(self, path: Path, handler: Handler):
-        self.path = path
-        self.handler = handler
-        self._sock: socket.socket | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._thread: threading.Thread | None = None
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._stopping = threading.Event()
-
-    def bind(self) -> None:
-        """Bind under umask 077 (the socket file is created 0600), replacing a stale socket file."""
-        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
-            raise OSError(errno.ENAMETOOLONG, f"the control socket path {self.path} is longer than the "
-                          f"{MAX_SOCKET_PATH} bytes a Unix socket allows; use a shorter PMDAEMON_HOME")
-        if self.path.exists() or self.path.is_symlink():
-            self._remove_stale_socket()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o077)
-        try:
-            sock.bind(str(self.path))
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        sock.listen(64)
-        sock.setblocking(False)
-        self._sock = sock
-
-    def _remove_stale_socket(self) -> None:
-        """Only called while holding the home lock: no live daemon owns this file."""
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(str(self.path))
-        except OSError:
-            log.info("replacing stale control socket %s (its daemon is gone)", self.path)
-            self.path.unlink()
-            return
-        finally:
-            probe.close()
-        raise AlreadyRunning(f"something still answers on {self.path} although no daemon holds the home lock; "
-                             f"stop it or remove the file")
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._accept_loop, name="control-accept", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop accepting and remove the socket file; connections in progress finish on their own."""
-        self._stopping.set()
-        self._wake_w.send(b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        if self._sock is not None:
-            self._sock.close()
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _accept_loop(self) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._sock, selectors.EVENT_READ)
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                for key, _ in selector.select():
-                    if key.fileobj is self._sock:
-                        self._accept()
-
-    def _accept(self) -> None:
-        try:
-            conn, _ = self._sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # e.g. EMFILE: keep serving the connections we have
-            log.warning("control socket accept failed: %s", exc)
-            time.sleep(0.05)
-            return
-        conn.setblocking(True)
-        if not self._slots.acquire(blocking=False):
-            self._send_quietly(conn, encode_error("the daemon is busy (too many control connections); retry"))
-            conn.close()
-            return
-        threading.Thread(target=self._serve_connection, args=(conn,), name="control-conn", daemon=True).start()
-
-    @staticmethod
-    def _send_quietly(conn: socket.socket, data: bytes) -> bool:
-        try:
-            conn.sendall(data)
-            return True
-        except OSError:
-            return False
-
-    def _serve_connection(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                uid = peer_uid(conn)
-                if uid != os.getuid():
-                    log.warning("refused a control connection from uid %d", uid)
-                    self._send_quietly(conn, encode_error(
-                        f"permission denied: this daemon belongs to uid {os.getuid()}, you are uid {uid}",
-                        EXIT_RUNTIME))
-                    return
-                conn.settimeout(IDLE_TIMEOUT)
-                self._serve_requests(conn)
-        except Exception:  # a broken connection must never take the daemon down
-            log.exception("control connection failed")
-        finally:
-            self._slots.release()
-
-    def _serve_requests(self, conn: socket.socket) -> None:
-        buffer = LineBuffer(MAX_MESSAGE_SIZE)
-        while True:
-            try:
-                data = conn.recv(65536)
-            except (socket.timeout, ConnectionResetError):
-                return
-            if not data:
-                return
-            try:
-                lines = buffer.feed(data)
-            except ProtocolError as exc:
-                log.warning("refused an oversized control message: %s", exc)
-                self._send_quietly(conn, encode_error(str(exc), exc.exit))
-                return
-            for line in lines:
-                answer, after_send = self._answer(line)
-                sent = self._send_quietly(conn, answer)
-                if after_send is not None:
-                    after_send()
-                if not sent:
-                    return
-
-    def _answer(self, line: bytes) -> tuple[bytes, Callable[[], None] | None]:
-        try:
-            cmd, args = decode_request(line)
-        except ProtocolError as exc:
-            log.warning("refused a malformed control message: %s", exc)
-            return encode_error(str(exc), exc.exit), None
-        try:
-            result, after_send = self.handler(cmd, args)
-        except (ProtocolError, CommandFailed) as exc:
-            return encode_error(str(exc), exc.exit), None
-        except Exception as exc:
-            if _is_config_error(exc):
-                return encode_error(str(exc), EXIT_USAGE), None
-            if isinstance(exc, (ValueError, LookupError, RuntimeError, OSError)):
-                log.warning("command %r failed: %s", cmd, exc)  # an operator error: no traceback needed
-            else:
-                log.exception("command %r failed", cmd)
-            return encode_error(str(exc) or type(exc).__name__, EXIT_RUNTIME), None
-        return encode_result(result), after_send
-
-
-def _is_config_error(exc: Exception) -> bool:
-    from pmdaemon.config.loader import ConfigError
-    return isinstance(exc, ConfigError)
-
-
 # ---------------------------------------------------------------------------------------------
 # The daemon
 
@@ -293,15 +98,6 @@ def _is_config_error(exc: Exception) -> bool:
 # Commands answered by the Runtime method of the same name, with no arguments.
 _RUNTIME_PASSTHROUGH = frozenset({"lb_status", "lb_health", "lb_health_check_test", "lb_stats", "lb_backends",
                                   "lb_traffic", "lb_config"})
-
-
-# Runtime method -> the CLI command that needs it, for "not available in this build" answers.
-_COMMAND_OF_METHOD = {
-    "reload_app": "reload <app|all>", "reload_config": "reload --config", "scale": "scale",
-    "lb_health_check_test": "lb health-check --test", "lb_metrics_samples": "lb metrics --json",
-    **{f"lb_{name}": f"lb {name}" for name in ("status", "health", "stats", "config", "backends", "traffic",
-                                               "metrics", "drain", "enable", "export")},
-}
 
 
 class Daemon:
@@ -390,7 +186,7 @@ class Daemon:
             return
         log.info("SIGHUP: reloading %s", source)
         try:
-            result = self._runtime_call("reload_config", self._load(source))
+            result = self.runtime.reload_config(self._load(source))
         except Exception as exc:
             log.error("SIGHUP: reload of %s refused or failed: %s", source, exc)
             return
@@ -422,17 +218,9 @@ class Daemon:
         if method is not None:
             return method(args), None
         if cmd in _RUNTIME_PASSTHROUGH:
-            return self._runtime_call(cmd), None
+            return getattr(self.runtime, cmd)(), None
         raise ProtocolError(f"unknown command {cmd!r}; this daemon speaks protocol v1 "
                             f"(see `pmdaemon --help` for the commands)")
-
-    def _runtime_call(self, method_name: str, *args):
-        method = getattr(self.runtime, method_name, None)
-        if method is None:
-            command = _COMMAND_OF_METHOD.get(method_name, method_name)
-            raise CommandFailed(f"`pmdaemon {command}` is not available in this build "
-                                f"(the runtime has no {method_name} yet)")
-        return method(*args)
 
     def _supervisor(self):
         return self.runtime.supervisor.proxy()
@@ -508,41 +296,40 @@ class Daemon:
             raise CommandFailed(f"{exc}; `pmdaemon list` shows the apps and instances") from None
 
     def _cmd_reload(self, args: dict) -> object:
-        return self._runtime_call("reload_app", _arg_str(args, "target"))
+        return self.runtime.reload_app(_arg_str(args, "target"))
 
     def _cmd_reload_config(self, args: dict) -> object:
-        return self._runtime_call("reload_config", self._load(_arg_str(args, "config")))
+        return self.runtime.reload_config(self._load(_arg_str(args, "config")))
 
     def _cmd_scale(self, args: dict) -> object:
-        return self._runtime_call("scale", _arg_str(args, "app"), _arg_int(args, "n", minimum=0))
+        return self.runtime.scale(_arg_str(args, "app"), _arg_int(args, "n", minimum=0))
 
     def _cmd_lb_metrics(self, args: dict) -> object:
         detailed = bool(args.get("detailed", False))
         if args.get("samples"):
-            return self._runtime_call("lb_metrics_samples", detailed)
-        return self._runtime_call("lb_metrics", detailed)
+            return self.runtime.lb_metrics_samples(detailed)
+        return self.runtime.lb_metrics(detailed)
 
     def _cmd_lb_drain(self, args: dict) -> object:
-        return self._runtime_call("lb_drain", _arg_str(args, "backend"))
+        return self.runtime.lb_drain(_arg_str(args, "backend"))
 
     def _cmd_lb_enable(self, args: dict) -> object:
-        return self._runtime_call("lb_enable", _arg_str(args, "backend"))
+        return self.runtime.lb_enable(_arg_str(args, "backend"))
 
     def _cmd_lb_export(self, args: dict) -> object:
         kind = _arg_str(args, "kind")
         if kind not in ("nginx", "haproxy"):
             raise ProtocolError(f"unknown export format '{kind}'; use nginx or haproxy")
-        return self._runtime_call("lb_export", kind)
+        return self.runtime.lb_export(kind)
 
     def _cmd_lb_monitor(self, _args: dict) -> dict:
         """One frame of `lb monitor`: listeners, totals, traffic shares and backends in one answer."""
         frame: dict = {"time": time.time(), "unavailable": {}}
-        for key in ("status", "stats", "traffic", "backends"):
-            method = getattr(self.runtime, f"lb_{key}", None)
+        parts = {"status": self.runtime.lb_status, "stats": self.runtime.lb_stats,
+                 "traffic": self.runtime.lb_traffic, "backends": self.runtime.lb_backends}
+        for key, part in parts.items():
             try:
-                if method is None:
-                    raise RuntimeError(f"not available in this build (no Runtime.lb_{key})")
-                frame[key] = method()
+                frame[key] = part()
             except RuntimeError as exc:  # e.g. no load balancer runs: the other parts still show
                 frame[key] = None
                 frame["unavailable"][key] = str(exc)
