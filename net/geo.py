@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Generic, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Generic, Iterable, Mapping, TypeVar
+
+if TYPE_CHECKING:  # maxminddb is optional: imported when a geo_database is configured
+    from maxminddb import Reader
 
 V = TypeVar("V")
 
@@ -126,8 +129,9 @@ class GeoResolver:
             region = self._cidr_map.lookup(parse_ip(ip))
             if region is not None:
                 return region
-        if self._database is not None:
-            region = self._database_region(ip)
+        database = self._database
+        if database is not None:
+            region = _database_region(database, ip)
             if region is not None:
                 return region
         if header_value and self.trusted and peer_ip in self.trusted:
@@ -135,12 +139,13 @@ class GeoResolver:
             return region or None
         return None
 
-    def _database_region(self, ip: str) -> str | None:
-        try:
-            record = self._database.get(ip)
-        except ValueError:  # not an address
-            return None
-        return region_from_record(record)
+
+def _database_region(database: Reader, ip: str) -> str | None:
+    try:
+        record = database.get(ip)
+    except ValueError:  # not an address
+        return None
+    return region_from_record(record)
 
 
 def region_from_record(record: object) -> str | None:
@@ -163,7 +168,7 @@ def region_from_record(record: object) -> str | None:
     return None
 
 
-def _open_database(path: str):
+def _open_database(path: str) -> Reader:
     try:
         import maxminddb
     except ImportError:

@@ -127,6 +127,12 @@ class _Head:
     """What both heads share: fields in order plus lookups for strategies (the RequestView protocol)."""
 
     __slots__ = ("fields", "version", "connection_tokens", "keep_alive", "chunked", "content_length")
+    fields: list[tuple[bytes, bytes]]  # (lowercase name, raw line)
+    version: int  # 10 or 11
+    connection_tokens: list[bytes]
+    keep_alive: bool
+    chunked: bool
+    content_length: int
 
     def header(self, name: bytes) -> bytes | None:
         """First value of header `name` (any case), or None."""
@@ -143,6 +149,12 @@ class _Head:
 
 class RequestHead(_Head):
     __slots__ = ("method", "target", "host", "expect_continue", "websocket", "size")
+    method: bytes
+    target: bytes
+    host: bytes | None  # None only in an HTTP/1.0 request without Host
+    expect_continue: bool
+    websocket: bool
+    size: int  # bytes of the head, final CRLFCRLF included
 
     def cookie(self, name: str) -> str | None:
         """Value of cookie `name` from the Cookie header(s), or None."""
@@ -163,6 +175,9 @@ class RequestHead(_Head):
 
 class ResponseHead(_Head):
     __slots__ = ("status", "status_line", "until_close")
+    status: int
+    status_line: bytes
+    until_close: bool  # the body runs until the backend closes the connection
 
 
 def parse_request_head(head: bytes, max_fields: int = MAX_FIELDS) -> RequestHead:

@@ -16,6 +16,8 @@ from pmdaemon.net.proxy import ClientConnection, HttpListener
 from pmdaemon.net.tcpproxy import TcpListener
 from pmdaemon.net.tls import HTTP_ALPN, ServerHandshake, TlsBackendConnection, backend_context, server_context
 
+# What the loop registers for a listening socket (HttpsListener is an HttpListener).
+Listener = HttpListener | TcpListener
 
 @dataclass(frozen=True)
 class ListenerTls:
@@ -89,22 +91,23 @@ class HttpsListener(HttpListener):
 
     def take_over(self, old: HttpListener) -> None:
         """Config reload: handshakes in progress complete under this listener (a plain one has none)."""
-        for handshake in getattr(old, "handshakes", ()):
-            handshake.owner = self
-            self.handshakes.add(handshake)
-        old.handshakes = set()
+        if isinstance(old, HttpsListener):
+            for handshake in old.handshakes:
+                handshake.owner = self
+                self.handshakes.add(handshake)
+            old.handshakes = set()  # adopted, so HttpListener.take_over does not close them
         super().take_over(old)
 
 
-def make_listener(loop, cfg: ListenerConfig, sock: socket.socket, strategy, tls: ListenerTls):
+def make_listener(loop, cfg: ListenerConfig, sock: socket.socket, strategy, tls: ListenerTls) -> Listener:
     """The listener object the loop registers for `sock` (loop thread)."""
-    if cfg.type == "tcp":
-        listener = TcpListener(loop, cfg, sock, strategy, tls.server, tls.backend)
-    elif tls.server is not None:
-        listener = HttpsListener(loop, cfg, sock, strategy, tls.server)
+    if cfg.type == "tcp":  # a TcpListener sets up its own backend TLS
+        return TcpListener(loop, cfg, sock, strategy, tls.server, tls.backend)
+    if tls.server is not None:
+        listener: HttpListener = HttpsListener(loop, cfg, sock, strategy, tls.server)
     else:
         listener = HttpListener(loop, cfg, sock, strategy)
-    if tls.backend is not None and cfg.type == "http":  # a TcpListener handles its own
+    if tls.backend is not None:
         listener.pool.tls_context = tls.backend
         listener.pool.connection_class = TlsBackendConnection
     return listener

@@ -26,7 +26,7 @@ from typing import Callable
 from pmdaemon.net.breaker import TrialSlots, verdict
 from pmdaemon.net.channel import Poller
 from pmdaemon.config.model import ListenerConfig
-from pmdaemon.net.listeners import ListenerTls, make_listener
+from pmdaemon.net.listeners import Listener, ListenerTls, make_listener
 from pmdaemon.net.proxy import HttpListener
 from pmdaemon.net.snapshot import LoopReport, Outcome, PoolSnapshot
 from pmdaemon.net.strategies import make_strategy
@@ -80,7 +80,9 @@ def resolve_host(host: str) -> str:
         ipaddress.ip_address(host)
         return host
     except ValueError:
-        return socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        assert isinstance(address, str), "an AF_INET or AF_INET6 sockaddr starts with the host string"
+        return address
 
 
 class IOLoop:
@@ -90,7 +92,7 @@ class IOLoop:
         self._strategy_factory = strategy_factory or make_strategy
         self.selector = Poller()
         self.now = time.monotonic()
-        self.listeners: dict[int, HttpListener] = {}
+        self.listeners: dict[int, Listener] = {}
         self.outcomes: list[Outcome] = []
         self.active: dict[tuple[int, int], int] = {}
         self.client_connections: dict[int, int] = {}
@@ -198,7 +200,12 @@ class IOLoop:
         if old is None or old.closed:
             return
         listener = make_listener(self, cfg, old.sock, strategy, tls)
-        listener.take_over(old)
+        if isinstance(listener, HttpListener):
+            assert isinstance(old, HttpListener), "replace_listener keeps a listener's type"
+            listener.take_over(old)
+        else:
+            assert not isinstance(old, HttpListener), "replace_listener keeps a listener's type"
+            listener.take_over(old)
         self.listeners[cfg.index] = listener
         try:
             self.selector.modify(old.sock, EVENT_READ, listener)

@@ -91,7 +91,7 @@ class _Rotation:
     def __init__(self, peers: tuple[_Peer, ...], previous: _Rotation | None = None) -> None:
         self.peers = peers
         self.cursor = 0
-        self.last = previous.last if previous is not None else None
+        self.last: _Peer | None = previous.last if previous is not None else None
         if self.last is not None:
             anchor = self.last.index
             for position, peer in enumerate(peers):
@@ -348,7 +348,7 @@ class IpHash(Strategy):
 
     def __init__(self, listener: ListenerConfig, clock: Clock = time.time) -> None:
         super().__init__(clock)
-        self._key_source, self._key_name = _parse_hash_key(_pool_option(listener, "hash_key", "client_ip"))
+        self._key_header, self._key_cookie = _parse_hash_key(_pool_option(listener, "hash_key", "client_ip"))
         self._trusted = TrustedProxies(listener.trusted_proxies)
         self._affinity = (
             SessionTable(listener.session.timeout) if _pool_option(listener, "session_affinity", False) else None
@@ -397,12 +397,12 @@ class IpHash(Strategy):
 
     def _key(self, client_ip: str, head: RequestView | None) -> bytes:
         if head is not None:
-            if self._key_source == "header":
-                value = head.header(self._key_name)
+            if self._key_header is not None:
+                value = head.header(self._key_header)
                 if value:
                     return value
-            elif self._key_source == "cookie":
-                cookie = head.cookie(self._key_name)
+            elif self._key_cookie is not None:
+                cookie = head.cookie(self._key_cookie)
                 if cookie:
                     return cookie.encode("utf-8", "surrogateescape")
             if self._trusted:
@@ -426,7 +426,9 @@ class StickySessions(RoundRobin):
         self._header_name = session.header_name.lower().encode("latin-1")
         self._secure = listener.ssl.enabled
         self._table = SessionTable(session.timeout)
-        self._pinnable_by_id: dict[str, _Peer] = {}
+        # Looked up with what SessionSigner.verify() returns: None (a forged or expired value) finds nothing,
+        # so the per-request lookup needs no check of its own.
+        self._pinnable_by_id: dict[str | None, _Peer] = {}
         self._pinnable_by_address: dict[str, _Peer] = {}
 
     def _rebuild(self, routable: tuple[_Peer, ...]) -> None:
@@ -508,7 +510,9 @@ class Geographic(Strategy):
             if peer.view.region:
                 by_region[peer.view.region].append(peer)
         old = self._rotations
-        rotations = {region: _Rotation(tuple(peers), old.get(region)) for region, peers in by_region.items()}
+        rotations: dict[str | None, _Rotation] = {
+            region: _Rotation(tuple(peers), old.get(region)) for region, peers in by_region.items()
+        }
         rotations[None] = _Rotation(routable, old.get(None))
         self._rotations = rotations
         self._tiers = {region: self._tiers_for(region) for region in by_region}
@@ -583,12 +587,15 @@ def _pool_option(listener: ListenerConfig, name: str, default):
     return default
 
 
-def _parse_hash_key(hash_key: str) -> tuple[str, bytes | str | None]:
+def _parse_hash_key(hash_key: str) -> tuple[bytes | None, str | None]:
+    """(header name as RequestView.header() takes it, cookie name): at most one is set, neither for client_ip.
+
+    Two typed names rather than a source tag, so the per-request lookup needs no string compare."""
     if hash_key == "client_ip":
-        return "client_ip", None
+        return None, None
     source, _, name = hash_key.partition(":")
     if source == "header" and name:
-        return "header", name.lower().encode("latin-1")
+        return name.lower().encode("latin-1"), None
     if source == "cookie" and name:
-        return "cookie", name
+        return None, name
     raise ValueError(f"hash_key: {hash_key!r} is not client_ip, header:NAME or cookie:NAME")

@@ -34,12 +34,14 @@ them again picks up renewed certificates.
 """
 from __future__ import annotations
 
+import _ssl
 import ctypes
 import errno
 import functools
 import logging
 import socket
 import ssl
+from typing import Protocol
 
 from pmdaemon.net.channel import Channel
 from pmdaemon.config.model import ListenerConfig, SslConfig
@@ -65,8 +67,21 @@ PLAIN_HTTP_ANSWER = lb_response(400, "this port speaks HTTPS; a plain HTTP reque
                                      "(use https://)", False)
 
 
+class _SslConnection(Protocol):
+    """What TlsSocket calls on `_ssl._SSLSocket`, the C-level SSL object behind an SSLSocket (the stdlib's type
+    stubs leave that class out)."""
+
+    def read(self, size: int, /) -> bytes: ...
+
+    def write(self, data: bytes | bytearray | memoryview, /) -> int: ...
+
+    def pending(self) -> int: ...
+
+
 class TlsSocket(ssl.SSLSocket):
     """An SSLSocket that honours the non-blocking socket contract the loop's channels rely on."""
+
+    _sslobj: _SslConnection | None  # set by SSLSocket itself; None until the socket is wrapped
 
     # recv and send call the C-level SSL object (`_sslobj`) directly, as SSLSocket.read and .send do
     # once past their checks (one Python frame per call instead of three on the per-request path);
@@ -123,7 +138,7 @@ class TlsSocket(ssl.SSLSocket):
 def _libssl() -> ctypes.CDLL | None:
     """The OpenSSL that Python's `ssl` runs on (dlsym through `_ssl` finds the libssl it links)."""
     try:
-        lib = ctypes.CDLL(ssl._ssl.__file__)
+        lib = ctypes.CDLL(_ssl.__file__)
         lib.SSL_CTX_get_options.restype = ctypes.c_uint64
         lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
         lib.SSL_CTX_ctrl.restype = ctypes.c_long
@@ -154,7 +169,7 @@ def set_groups(context: ssl.SSLContext, groups: bytes) -> bool:
     the context unchanged, where OpenSSL cannot be reached this way."""
     lib = _libssl()
     pointer = None if lib is None else _openssl_context_pointer(lib, context)
-    if pointer is None:
+    if lib is None or pointer is None:
         log.warning("cannot set the TLS key exchange groups through OpenSSL; offering P-256 only")
         return False
     return lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_GROUPS_LIST, 0, groups) == 1
@@ -165,6 +180,7 @@ def server_context(cfg: SslConfig, alpn: tuple[str, ...] = ()) -> ssl.SSLContext
     versions from `protocols`, Mozilla intermediate ciphers and groups, client cipher preference (Mozilla's
     choice for intermediate), no renegotiation, ALPN `alpn` when given. Raises OSError or
     ssl.SSLError when the files cannot be read or do not belong together."""
+    assert cfg.cert_file is not None, "the config loader requires cert_file where ssl is enabled"
     versions = [TLS_VERSIONS[name] for name in cfg.protocols]
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = min(versions)
@@ -337,8 +353,9 @@ class TlsBackendConnection(BackendConnection):
             if self.events:
                 self.loop.selector.unregister(self.sock)
                 self.events = 0
-            self.sock = self.pool.tls_context.wrap_socket(self.sock, server_hostname=self.view.host,
-                                                          do_handshake_on_connect=False)
+            context = self.pool.tls_context
+            assert context is not None, "listeners.make_listener gives the pool a context with this class"
+            self.sock = context.wrap_socket(self.sock, server_hostname=self.view.host, do_handshake_on_connect=False)
         self._handshake()
 
     def on_readable(self) -> None:

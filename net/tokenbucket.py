@@ -106,7 +106,9 @@ class RateLimiter:
         if bucket is not None:
             clients.move_to_end(client_ip)
             return bucket
-        bucket = clients[client_ip] = TokenBucket(self._per_ip_limit, self._per_ip_limit, now)
+        limit = self._per_ip_limit
+        assert limit is not None, "check() asks for a client's bucket only when per-IP limiting is on"
+        bucket = clients[client_ip] = TokenBucket(limit, limit, now)
         if len(clients) > self._max_clients:
             clients.popitem(last=False)
         return bucket

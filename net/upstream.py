@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 
 from pmdaemon.net.channel import Channel
 from pmdaemon.config.model import ListenerConfig
@@ -134,8 +135,8 @@ class UpstreamPool:
         self.hosts: dict[tuple, _HostPool] = {}
         self.closing = False
         # backend_protocol "https": net.listeners sets net.tls.TlsBackendConnection and its context
-        self.connection_class = BackendConnection
-        self.tls_context = None
+        self.connection_class: type[BackendConnection] = BackendConnection
+        self.tls_context: ssl.SSLContext | None = None
 
     def acquire(self, view: BackendView, address: tuple, owner, fresh: bool = False) -> BackendConnection | None:
         """A connected idle connection (reused=True) or a new connecting one; None at the limit."""
