@@ -17,7 +17,7 @@ adopted without a restart; a different instance count is a scale.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from pmdaemon.config.model import AppConfig, BackendConfig, Config, ListenerConfig
 
@@ -122,7 +122,7 @@ def with_app(config: Config, app: AppConfig) -> Config:
 def with_listeners(config: Config, listeners: Iterable[ListenerConfig]) -> Config:
     """`config` with the listeners of the same index replaced."""
     by_index = {listener.index: listener for listener in listeners}
-    return replace(config, listeners=tuple(by_index.get(l.index, l) for l in config.listeners))
+    return replace(config, listeners=tuple(by_index.get(old.index, old) for old in config.listeners))
 
 
 def with_started(running: Config | None, started: Config, added: Sequence[ListenerConfig],

@@ -20,7 +20,8 @@ Then the cross-references are resolved (decisions.md section 3):
 
 `effective_config(cfg)` (written in `config/view.py`, re-exported here) is the reverse view: the
 merged config with every default filled in and durations written with their units, for
-`pmdaemon lb config`. `instance_spec(app, i)` (in `config/model.py`) builds instance i, also for `scale` beyond the config.
+`pmdaemon lb config`. `instance_spec(app, i)` (in `config/model.py`) builds instance i, also for
+`scale` beyond the config.
 """
 from __future__ import annotations
 

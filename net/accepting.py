@@ -8,7 +8,7 @@ itself returns; `on_accept` is a bound method the caller builds once per event.
 from __future__ import annotations
 
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 ACCEPT_BATCH = 64
 

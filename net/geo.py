@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import TYPE_CHECKING, Generic, Iterable, Mapping, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
+from collections.abc import Iterable, Mapping
 
 if TYPE_CHECKING:  # maxminddb is optional: imported when a geo_database is configured
     from maxminddb import Reader

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from hashlib import blake2b
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 # 160 points per unit of weight spreads keys within a few percent of even (ketama uses the same).
 VNODES_PER_WEIGHT = 160

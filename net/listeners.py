@@ -28,7 +28,7 @@ class ListenerTls:
     backend: ssl.SSLContext | None = None
 
     @classmethod
-    def build(cls, cfg: ListenerConfig) -> "ListenerTls":
+    def build(cls, cfg: ListenerConfig) -> ListenerTls:
         """Fresh contexts from the files named in `cfg` (read now: a reload gets renewed certificates).
         Raises ValueError naming the file when one cannot be loaded."""
         alpn = HTTP_ALPN if cfg.type == "http" else ()

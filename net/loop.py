@@ -21,7 +21,7 @@ import socket
 import time
 from functools import partial
 from selectors import EVENT_READ
-from typing import Callable
+from collections.abc import Callable
 
 from pmdaemon.net.breaker import TrialSlots, verdict
 from pmdaemon.net.channel import Poller
@@ -62,7 +62,7 @@ class _Waker:
 
     closed = False
 
-    def __init__(self, loop: "IOLoop", sock: socket.socket):
+    def __init__(self, loop: IOLoop, sock: socket.socket):
         self.loop, self.sock = loop, sock
 
     def on_readable(self) -> None:

@@ -75,7 +75,7 @@ class RateLimiter:
         self._max_clients = max_clients
 
     @classmethod
-    def from_config(cls, cfg: RateLimiting, now: float) -> "RateLimiter":
+    def from_config(cls, cfg: RateLimiting, now: float) -> RateLimiter:
         """The listener's limiter; a disabled `rate_limiting` block admits everything."""
         if not cfg.enabled:
             return cls(now=now)

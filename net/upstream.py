@@ -29,7 +29,7 @@ RECV_SIZE = 65536
 class BackendConnection(Channel):
     __slots__ = ("pool", "view", "key", "owner", "connected", "reused", "reader", "received")
 
-    def __init__(self, pool: "UpstreamPool", view: BackendView, address: tuple, owner):
+    def __init__(self, pool: UpstreamPool, view: BackendView, address: tuple, owner):
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -185,7 +185,7 @@ class UpstreamPool:
                 pass
         conn.owner = None
 
-    def adopt(self, old: "UpstreamPool") -> None:
+    def adopt(self, old: UpstreamPool) -> None:
         """Config reload: take over the old pool's connections and counts, so connections busy now are
         released into this pool and the per-backend limit still counts them. Idle ones are closed when
         the TLS settings towards the backends changed (a new context is built on every reload)."""

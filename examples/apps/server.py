@@ -117,7 +117,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("X-Instance", INSTANCE)
         self.end_headers()
 
-    def _reply(self, status: int, body: bytes, content_type: str = "text/plain", head_length: int | None = None) -> None:
+    def _reply(
+        self, status: int, body: bytes, content_type: str = "text/plain", head_length: int | None = None
+    ) -> None:
         self._headers(status, len(body) if head_length is None else head_length, content_type)
         self.wfile.write(body)
 
