@@ -52,9 +52,6 @@ Exit status: 0 success, 1 a runtime failure, 2 a usage or config error.
 from __future__ import annotations
 
 import json
-import os
-import select
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,12 +59,12 @@ from pathlib import Path
 from docopt import DocoptExit, docopt
 
 from pmdaemon import __version__
+from pmdaemon.control.launcher import ensure_daemon, kill_daemon, run_foreground
 from pmdaemon.control.protocol import EXIT_RUNTIME, EXIT_USAGE, CommandFailed, ControlClient, DaemonNotRunning
-from pmdaemon.control.tables import (Column, MonitorView, format_ago, format_bytes, format_duration, format_ms, format_percent,
-                        render_pairs, render_table, use_colour)
-
-DAEMON_START_TIMEOUT = 15.0  # seconds to wait for a freshly spawned daemon's socket
-KILL_TIMEOUT = 60.0  # seconds to wait for the daemon's pid to disappear after `kill`
+from pmdaemon.control.resultviews import (BACKEND_COLUMNS, DRAIN_COLUMNS, HEALTH_COLUMNS, HEALTH_TEST_COLUMNS,
+                                          INSTANCE_COLUMNS, LISTENER_COLUMNS, REGION_TRAFFIC_COLUMNS, TRAFFIC_COLUMNS,
+                                          flatten, render_stats, result_table)
+from pmdaemon.control.tables import Column, MonitorView, render_pairs, render_table, use_colour
 
 
 class UsageError(Exception):
@@ -90,129 +87,6 @@ def _error(message: str) -> None:
     print(f"pmdaemon: {message}", file=sys.stderr)
 
 
-def _scalar(value: object) -> str:
-    """A cell or value as text: nested data as compact JSON, floats with two decimals."""
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, default=str)
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return str(value)
-
-
-def _flatten(obj: dict, prefix: str = "") -> list[tuple[str, object]]:
-    """{"apps": {"started": ["web"]}} -> [("apps.started", "web")] for key/value output."""
-    pairs = []
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            pairs.extend(_flatten(value, f"{name}."))
-        elif isinstance(value, (list, tuple, dict)) and not value:
-            pairs.append((name, "-"))
-        elif isinstance(value, (list, tuple)) and not any(isinstance(item, (dict, list)) for item in value):
-            pairs.append((name, ", ".join(_scalar(item) for item in value)))
-        else:
-            pairs.append((name, _scalar(value)))
-    return pairs
-
-
-def _table(rows: list[dict], preferred: list[Column], colour: bool) -> str:
-    """The preferred columns the rows have (--json shows every field); without any, every key."""
-    present = {key for row in rows for key in row}
-    columns = [column for column in preferred if column.key in present]
-    if not columns:
-        columns = [Column(key, key, format=_scalar) for key in dict.fromkeys(k for row in rows for k in row)]
-    return render_table(columns or preferred, rows, colour)
-
-
-INSTANCE_COLUMNS = [
-    Column("name", "name"),
-    Column("app", "app"),
-    Column("status", "status", state=True),
-    Column("pid", "pid", align="right"),
-    Column("port", "port", align="right"),
-    Column("uptime", "uptime", align="right", format=format_duration),
-    Column("restarts", "restarts", align="right"),
-    Column("cpu", "cpu", align="right", format=format_percent),
-    Column("memory", "memory", align="right", format=format_bytes),
-]
-LISTENER_COLUMNS = [
-    Column("host", "host"),
-    Column("port", "port", align="right"),
-    Column("type", "type"),
-    Column("strategy", "strategy"),
-    Column("tls", "tls"),
-    Column("up", "backends_up", align="right"),
-    Column("total", "backends_total", align="right"),
-    Column("active", "active", align="right"),
-    Column("req/s", "requests_per_second", align="right"),
-]
-BACKEND_COLUMNS = [
-    Column("address", "address"),
-    Column("instance", "instance"),
-    Column("listener", "listener", align="right"),
-    Column("state", "state", state=True),
-    Column("weight", "weight", align="right"),
-    Column("score", "score", align="right"),  # performance_based listeners only
-    Column("active", "active", align="right"),
-    Column("breaker", "breaker", state=True),
-    Column("requests", "requests", align="right"),
-    Column("req/s", "requests_per_second", align="right"),
-]
-HEALTH_COLUMNS = [
-    Column("backend", "backend"),
-    Column("instance", "instance"),
-    Column("listener", "listener", align="right"),
-    Column("state", "state", state=True),
-    Column("last check", "last_check", align="right", format=format_ago),
-    Column("failures", "consecutive_failures", align="right"),
-    Column("check", "check"),
-    Column("last error", "last_error"),
-]
-HEALTH_TEST_COLUMNS = [
-    Column("backend", "backend"),
-    Column("instance", "instance"),
-    Column("listener", "listener", align="right"),
-    Column("result", "result", state=True),
-    Column("check", "check"),
-    Column("error", "error"),
-]
-TRAFFIC_COLUMNS = [
-    Column("address", "address"),
-    Column("instance", "instance"),
-    Column("listener", "listener", align="right"),
-    Column("requests 1m", "requests_last_minute", align="right"),
-    Column("share 1m", "share_last_minute", align="right", format=format_percent),
-    Column("requests", "requests_total", align="right"),
-    Column("share", "share_total", align="right", format=format_percent),
-]
-REGION_TRAFFIC_COLUMNS = [
-    Column("client region", "client_region"),
-    Column("listener", "listener", align="right"),
-    Column("requests 1m", "requests_last_minute", align="right"),
-    Column("share 1m", "share_last_minute", align="right", format=format_percent),
-    Column("requests", "requests_total", align="right"),
-    Column("share", "share_total", align="right", format=format_percent),
-]
-STATS_LISTENER_COLUMNS = [
-    Column("port", "port", align="right"),
-    Column("type", "type"),
-    Column("requests", "requests", align="right"),
-    Column("errors", "errors", align="right"),
-    Column("p50", "p50", align="right", format=format_ms),
-    Column("p95", "p95", align="right", format=format_ms),
-    Column("p99", "p99", align="right", format=format_ms),
-    Column("req/s", "requests_per_second", align="right"),
-]
-DRAIN_COLUMNS = [
-    Column("address", "address"),
-    Column("instance", "instance"),
-    Column("listener", "listener", align="right"),
-    Column("state", "state", state=True),
-]
-
-
 # ---------------------------------------------------------------------------------------------
 # Config loading in the CLI process (so a bad config exits 2 and starts nothing)
 
@@ -230,7 +104,7 @@ def _load_config(path: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# Daemon lifecycle from the CLI side
+# The daemon of this home (control/launcher.py spawns, runs and kills it)
 
 
 def _home() -> Path:
@@ -238,89 +112,12 @@ def _home() -> Path:
     return default_home()
 
 
-def _spawn_daemon(client: ControlClient) -> bool:
-    """Make sure a daemon runs for this home. True if this call started it."""
-    from pmdaemon.control.daemon import HomePaths, prepare_home
-
-    try:
-        client.call("ping", timeout=5)
-        return False
-    except DaemonNotRunning:
-        pass
-    paths = HomePaths(client.home)
-    prepare_home(paths)
-    with open(paths.log_file, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pmdaemon.control.daemon", "--home", str(paths.home)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-            cwd=paths.home, start_new_session=True)
-    deadline = time.monotonic() + DAEMON_START_TIMEOUT
-    while True:
-        try:
-            client.call("ping", timeout=5)
-            return True
-        except DaemonNotRunning:
-            pass
-        returncode = process.poll()
-        if returncode is not None:
-            try:  # it lost a race against another `pmdaemon start`: use the winner
-                client.call("ping", timeout=5)
-                return False
-            except DaemonNotRunning:
-                raise CommandFailed(f"the daemon exited at start (status {returncode}):\n"
-                                    f"{_tail(paths.log_file)}") from None
-        if time.monotonic() > deadline:
-            raise CommandFailed(f"the daemon (pid {process.pid}) did not open {client.path} within "
-                                f"{DAEMON_START_TIMEOUT:g} s; see {paths.log_file}")
-        time.sleep(0.05)
-
-
-def _tail(path: Path, lines: int = 10) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
-
-
-def _wait_pid_gone(pid: int, timeout: float) -> bool:
-    """Wait for a process (not our child) to exit. A pidfd becomes readable at exit."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([pidfd], [], [], timeout)
-        return bool(ready)
-    finally:
-        os.close(pidfd)
-
-
 def _run_foreground(config, as_json: bool) -> int:
-    from pmdaemon.control.daemon import AlreadyRunning, Daemon, configure_logging, prepare_home
-
-    daemon = Daemon(_home())
-    try:
-        prepare_home(daemon.paths)
-        configure_logging(daemon.paths, foreground=True)
-        daemon.acquire()
-    except AlreadyRunning as exc:
-        _error(str(exc))
-        return EXIT_RUNTIME
-    except OSError as exc:
-        _error(_os_error_text(exc))
-        return EXIT_RUNTIME
-    daemon.install_signal_handlers()
-    try:
-        try:
-            report = daemon.start(config)
-        except (OSError, RuntimeError) as exc:
-            _error(f"could not start {config.source}: {exc}")
-            return EXIT_RUNTIME
+    def on_started(report: dict) -> None:
         _print_start_report(report, as_json, foreground=True)
         sys.stdout.flush()
-        daemon.wait()
-    finally:
-        daemon.shutdown()
+
+    run_foreground(_home(), config, on_started)
     return 0
 
 
@@ -348,12 +145,12 @@ def cmd_start(args: dict, client: ControlClient) -> int:
     config = _load_config(args["<config>"])
     if args["--no-daemon"]:
         return _run_foreground(config, args["--json"])
-    spawned = _spawn_daemon(client)
+    spawned = ensure_daemon(client)
     try:
         report = client.call("start", {"config": config.source}, timeout=300)
     except CommandFailed:
         if spawned:  # leave nothing behind: the daemon we started for this config goes too
-            _kill_daemon(client)
+            kill_daemon(client)
         raise
     _print_start_report(report, args["--json"])
     return 0
@@ -412,9 +209,9 @@ def _print_result(result: object, as_json: bool) -> None:
     if as_json:
         _print_json(result)
     elif isinstance(result, dict):
-        print(render_pairs(_flatten(result)))
+        print(render_pairs(flatten(result)))
     elif isinstance(result, list) and all(isinstance(row, dict) for row in result):
-        print(_table(result, [], use_colour(sys.stdout)))
+        print(result_table(result, [], use_colour(sys.stdout)))
     else:
         print(result)
 
@@ -462,20 +259,8 @@ def cmd_logs(args: dict, client: ControlClient) -> int:
     return 0
 
 
-def _kill_daemon(client: ControlClient) -> dict | None:
-    """Ask the daemon to stop everything and exit, then wait until its pid is gone."""
-    try:
-        result = client.call("kill", timeout=KILL_TIMEOUT)
-    except DaemonNotRunning:
-        return None
-    if not _wait_pid_gone(result["pid"], KILL_TIMEOUT):
-        raise CommandFailed(f"the daemon (pid {result['pid']}) is still running {KILL_TIMEOUT:g} s after "
-                            f"`kill`; see {client.home / 'daemon.log'}")
-    return result
-
-
 def cmd_kill(args: dict, client: ControlClient) -> int:
-    result = _kill_daemon(client)
+    result = kill_daemon(client)
     if args["--json"]:
         _print_json({"killed": result is not None, "pid": result and result["pid"],
                      "instances": result["instances"] if result else []})
@@ -496,7 +281,7 @@ def _lb_table(cmd: str, columns: list[Column]):
         if args["--json"]:
             _print_json(rows)
         else:
-            print(_table(rows, columns, use_colour(sys.stdout)))
+            print(result_table(rows, columns, use_colour(sys.stdout)))
         return 0
     command.__name__ = f"cmd_{cmd}"
     return command
@@ -516,7 +301,7 @@ def cmd_lb_traffic(args: dict, client: ControlClient) -> int:
     colour = use_colour(sys.stdout)
     backends = [row for row in rows if "client_region" not in row]
     regions = [dict(row, client_region=row["client_region"] or "unknown") for row in rows if "client_region" in row]
-    print(_table(backends, TRAFFIC_COLUMNS, colour))
+    print(result_table(backends, TRAFFIC_COLUMNS, colour))
     if regions:
         print()
         print(render_table(REGION_TRAFFIC_COLUMNS, regions, colour))
@@ -530,31 +315,6 @@ def cmd_lb_stats(args: dict, client: ControlClient) -> int:
     else:
         print(render_stats(stats, use_colour(sys.stdout)))
     return 0
-
-
-def render_stats(stats: dict, colour: bool) -> str:
-    """Totals as key/value lines, then one row per listener."""
-    responses = stats.get("responses") or {}
-    latency = stats.get("latency_ms") or {}
-    errors_by_kind = {kind: n for kind, n in (stats.get("errors_by_kind") or {}).items() if n}
-    errors = stats.get("errors")
-    if errors_by_kind:
-        errors = f"{errors} ({', '.join(f'{kind} {n}' for kind, n in errors_by_kind.items())})"
-    pairs = [
-        ("requests", stats.get("requests")),
-        ("responses", "  ".join(f"{cls} {n}" for cls, n in responses.items()) or None),
-        ("errors", errors),
-        ("bytes in/out", f"{format_bytes(stats.get('bytes_in') or 0)} / {format_bytes(stats.get('bytes_out') or 0)}"),
-        ("latency", "  ".join(f"{q} {format_ms(latency[q])}" for q in ("p50", "p95", "p99") if latency.get(q) is not None)
-         or None),
-        ("requests/s", None if stats.get("requests_per_second") is None else f"{stats['requests_per_second']:.2f}"),
-        ("active connections", stats.get("active_connections")),
-    ]
-    listeners = [dict(row, **(row.get("latency_ms") or {})) for row in stats.get("listeners") or []]
-    text = render_pairs(pairs)
-    if listeners:
-        text += "\n\n" + render_table(STATS_LISTENER_COLUMNS, listeners, colour)
-    return text
 
 
 def cmd_lb_config(args: dict, client: ControlClient) -> int:
