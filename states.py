@@ -21,6 +21,10 @@ class InstanceStatus(StrEnum):
     STOPPED = "stopped"
     WAITING_RESTART = "waiting restart"
     ERRORED = "errored"
+    # Only in a Listener's pool table (`lb backends` "process"): no event heard yet for the instance, or it
+    # was deleted (scaled away) while its backend is still in the pool.
+    UNKNOWN = "unknown"
+    REMOVED = "removed"
 
 
 class BackendState(StrEnum):

@@ -52,11 +52,11 @@ import pykka
 from pmdaemon.actors.messages import InstanceEvent, Tick
 from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import AppConfig, Config
+from pmdaemon.states import InstanceStatus
 
 log = logging.getLogger(__name__)
 
 ENDPOINT_ENV = "PMDAEMON_AWS_ENDPOINT_URL"
-ONLINE = "online"
 ASK_TIMEOUT = 30.0  # seconds; `watch` makes AWS calls (target group settings)
 RETRY_FIRST = 1.0  # seconds before retrying a failed AWS call; doubles up to RETRY_MAX
 RETRY_MAX = 60.0
@@ -109,7 +109,7 @@ class Target:
 @dataclass
 class _Instance:
     app: str
-    status: str
+    status: InstanceStatus
     port: int | None
 
 
@@ -221,7 +221,7 @@ class AlbRegistrar(pykka.ThreadingActor):
         self._reconcile()
         now = time.monotonic()
         remaining = [self._deregistered_at[target] + self._apps[self._instances[name].app].deregistration_delay - now
-                     for name in known if self._instances[name].status == ONLINE
+                     for name in known if self._instances[name].status == InstanceStatus.ONLINE
                      and (target := self._target(name)) in self._deregistered_at]
         return max([0.0, *remaining])
 
@@ -237,7 +237,7 @@ class AlbRegistrar(pykka.ThreadingActor):
                     self._drained.discard(name)
                 else:
                     self._instances[name] = _Instance(app, status, port)
-                if removed or status != ONLINE:
+                if removed or status != InstanceStatus.ONLINE:
                     self._leaving.discard(name)  # its stop began: back in the group once online again
                 self._reconcile()
             case Tick(key="retry"):
@@ -263,7 +263,7 @@ class AlbRegistrar(pykka.ThreadingActor):
 
     def _wanted(self) -> set[Target]:
         return {self._target(name) for name, instance in self._instances.items()
-                if instance.status == ONLINE and name not in self._drained and name not in self._leaving}
+                if instance.status == InstanceStatus.ONLINE and name not in self._drained and name not in self._leaving}
 
     def _reconcile(self) -> None:
         wanted = self._wanted()

@@ -50,10 +50,10 @@ import pykka
 from pmdaemon.actors.messages import Tick
 from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import AlertRule, ListenerConfig, SmtpConfig
+from pmdaemon.states import AlertState
 
 log = logging.getLogger(__name__)
 
-OK, PENDING, FIRING, RESOLVED = "ok", "pending", "firing", "resolved"
 OPERATORS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt, "<=": operator.le, ">": operator.gt,
     ">=": operator.ge, "==": operator.eq, "!=": operator.ne,
@@ -73,28 +73,28 @@ class RuleTracker:
 
     def __init__(self, rule: AlertRule) -> None:
         self.rule = rule
-        self.state = OK
+        self.state = AlertState.OK
         self.since: float | None = None  # wall-clock time the current state's condition began
         self._held_from: float | None = None  # monotonic time the condition started to hold
         self.value: float | None = None
         self._compare = OPERATORS[rule.op]
 
-    def observe(self, value: float, now: float, wall: float) -> str | None:
+    def observe(self, value: float, now: float, wall: float) -> AlertState | None:
         """Feed the metric's value; returns FIRING or RESOLVED when a notification is due."""
         self.value = value
         holds = self._compare(value, self.rule.threshold)
         if holds:
-            if self.state == OK:
-                self.state, self._held_from, self.since = PENDING, now, wall
-            if self.state == PENDING and now - self._held_from >= self.rule.duration:
-                self.state = FIRING
-                return FIRING
+            if self.state == AlertState.OK:
+                self.state, self._held_from, self.since = AlertState.PENDING, now, wall
+            if self.state == AlertState.PENDING and now - self._held_from >= self.rule.duration:
+                self.state = AlertState.FIRING
+                return AlertState.FIRING
             return None
-        was_firing = self.state == FIRING
-        self.state, self._held_from = OK, None
+        was_firing = self.state == AlertState.FIRING
+        self.state, self._held_from = AlertState.OK, None
         if was_firing:
             self.since = wall
-            return RESOLVED
+            return AlertState.RESOLVED
         self.since = None
         return None
 
@@ -102,7 +102,7 @@ class RuleTracker:
 @dataclass(frozen=True)
 class Notification:
     rule: AlertRule
-    state: str
+    state: AlertState  # FIRING or RESOLVED
     value: float
     since: float  # wall clock seconds
     listener: ListenerConfig
@@ -327,7 +327,7 @@ def email_message(sender: str, recipients: tuple[str, ...], notification: Notifi
                           f"{payload['listener_name']}: {payload['condition']} (value {notification.value:g})")
     message["From"] = sender
     message["To"] = ", ".join(recipients)
-    verb = "is firing" if notification.state == FIRING else "has resolved"
+    verb = "is firing" if notification.state == AlertState.FIRING else "has resolved"
     message.set_content(
         f"Alert rule {payload['rule']} on listener {payload['listener_name']} {verb}.\n\n"
         f"condition: {payload['condition']}\nvalue:     {notification.value:g}\n"

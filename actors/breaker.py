@@ -18,9 +18,10 @@ import pykka
 
 from pmdaemon.actors.messages import BackendOutcomes, BreakerEvent, Tick
 from pmdaemon.control.timers import Timers
-from pmdaemon.net.breaker import BACKEND_FAILURES, CLOSED, Breaker, verdict
 from pmdaemon.config.model import ListenerConfig
-from pmdaemon.net.snapshot import OPEN, Outcome
+from pmdaemon.net.breaker import BACKEND_FAILURES, Breaker, verdict
+from pmdaemon.net.snapshot import Outcome
+from pmdaemon.states import BreakerState
 
 
 def is_backend_failure(outcome: Outcome) -> bool:
@@ -34,7 +35,7 @@ class CircuitBreaker(pykka.ThreadingActor):
         policy = listener.circuit_breaker
         self._breakers = [Breaker(policy.failure_threshold, policy.recovery_timeout, policy.half_open_requests)
                           for _ in listener.backends]
-        self._published = [CLOSED] * len(self._breakers)
+        self._published = [BreakerState.CLOSED] * len(self._breakers)
         self._wake_at: list[float | None] = [None] * len(self._breakers)  # scheduled recovery Tick
         self._listener_ref = listener_ref
         self._timers = timers
@@ -69,6 +70,6 @@ class CircuitBreaker(pykka.ThreadingActor):
             self._listener_ref.tell(BreakerEvent(index, state))
         # A trial failure re-opens with a new trip time, possibly without a visible change (OPEN ->
         # HALF_OPEN -> OPEN within one batch): make sure a Tick is due at the current reopens_at.
-        if state == OPEN and self._wake_at[index] != breaker.reopens_at:
+        if state == BreakerState.OPEN and self._wake_at[index] != breaker.reopens_at:
             self._wake_at[index] = breaker.reopens_at
             self._timers.tell_later(breaker.reopens_at - now, self.actor_ref, Tick(("recover", index)))

@@ -34,6 +34,7 @@ from pmdaemon.control.healthcheck import STARTING_INTERVAL, CheckTarget, HealthC
 from pmdaemon.actors.messages import HealthEvent, MarkDown, ProcessStatus, Tick
 from pmdaemon.control.timers import TimerHandle, Timers
 from pmdaemon.config.model import ListenerConfig
+from pmdaemon.states import BackendState
 
 MAX_CHECK_THREADS = 16
 
@@ -120,7 +121,7 @@ class HealthProbe(pykka.ThreadingActor):
                 "backend": self._backends[i].address,
                 "instance": self._backends[i].instance,
                 "check": check.target.description,
-                "state": "up" if check.counter.healthy else "down",
+                "state": BackendState.UP if check.counter.healthy else BackendState.DOWN,
                 "checking": check.running,
                 "last_check": check.last_check,
                 "consecutive_failures": check.counter.consecutive_failures,

@@ -40,13 +40,12 @@ from typing import Callable
 
 import pykka
 
-from pmdaemon.actors.messages import (BreakerEvent, EffectiveWeights, Eject, HealthEvent, InstanceEvent, MarkDown,
-                             ProcessStatus, Tick)
-from pmdaemon.control.timers import Timers
+from pmdaemon.actors.messages import (BackendInfo, BreakerEvent, EffectiveWeights, Eject, HealthEvent, InstanceEvent,
+                                      MarkDown, ProcessStatus, Tick)
 from pmdaemon.config.model import BackendConfig, ListenerConfig
-from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
-
-CLOSED = "closed"
+from pmdaemon.control.timers import Timers
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot
+from pmdaemon.states import BackendState, BreakerState, InstanceStatus
 
 
 @dataclass
@@ -55,17 +54,17 @@ class _PoolRow:
 
     config: BackendConfig
     id: int  # BackendView.index: kept across pool replacements, never reused in this listener
-    instance_status: str | None  # None: not a managed instance
+    instance_status: InstanceStatus | None  # None: not a managed instance
     healthy: bool = False
     health_error: str | None = None
-    breaker: str = CLOSED
+    breaker: BreakerState = BreakerState.CLOSED
     draining: bool = False
     quarantined_until: float = 0.0  # time.monotonic()
     weight: int = 1
 
     @property
     def process_ok(self) -> bool:
-        return self.config.instance is None or self.instance_status == "online"
+        return self.config.instance is None or self.instance_status == InstanceStatus.ONLINE
 
 
 class Listener(pykka.ThreadingActor):
@@ -74,7 +73,7 @@ class Listener(pykka.ThreadingActor):
         self.config = config
         self._publish_to_loop = publish
         self._timers = timers
-        self._instance_statuses: dict[str, str] = {}  # every instance's last status, pooled or not
+        self._instance_statuses: dict[str, InstanceStatus] = {}  # every instance's last status, pooled or not
         self._rows = [self._new_row(b, i) for i, b in enumerate(config.backends)]
         self._next_id = len(self._rows)
         self._probe: pykka.ActorRef | None = None
@@ -95,10 +94,10 @@ class Listener(pykka.ThreadingActor):
             for i, row in enumerate(self._rows):
                 probe_ref.tell(ProcessStatus(i, row.process_ok))
 
-    def replace_pool(self, config: ListenerConfig) -> list[dict]:
+    def replace_pool(self, config: ListenerConfig) -> list[BackendInfo]:
         """Adopt `config` (same listener, new pool or policies) and publish. The probe is detached:
         the Runtime stops the old one first and attaches one for the new pool, seeded from the rows
-        returned (`_row_dict` of each backend, in `config.backends` order). Breakers start closed:
+        returned (each backend's `BackendInfo`, in `config.backends` order). Breakers start closed:
         the Runtime starts a new CircuitBreaker too."""
         kept = {(row.config.address, row.config.instance): row for row in self._rows}
         rows = []
@@ -110,7 +109,7 @@ class Listener(pykka.ThreadingActor):
             else:
                 row.config = backend
                 row.weight = backend.weight
-                row.breaker = CLOSED
+                row.breaker = BreakerState.CLOSED
             rows.append(row)
         self.config = config
         self._rows = rows
@@ -119,23 +118,23 @@ class Listener(pykka.ThreadingActor):
         self._publish()
         return self.backends()
 
-    def drain(self, indexes: list[int]) -> list[dict]:
+    def drain(self, indexes: list[int]) -> list[BackendInfo]:
         for i in indexes:
             self._rows[i].draining = True
         self._publish()
-        return [self._row_dict(i) for i in indexes]
+        return [self._info(i) for i in indexes]
 
-    def enable(self, indexes: list[int]) -> list[dict]:
+    def enable(self, indexes: list[int]) -> list[BackendInfo]:
         for i in indexes:
             self._rows[i].draining = False
         self._publish()
-        return [self._row_dict(i) for i in indexes]
+        return [self._info(i) for i in indexes]
 
     def snapshot(self) -> PoolSnapshot:
         return PoolSnapshot(self.config.index, self._version, self._published or ())
 
-    def backends(self) -> list[dict]:
-        return [self._row_dict(i) for i in range(len(self._rows))]
+    def backends(self) -> list[BackendInfo]:
+        return [self._info(i) for i in range(len(self._rows))]
 
     # --- messages from other actors ---
 
@@ -158,11 +157,12 @@ class Listener(pykka.ThreadingActor):
                 self._publish()
 
     def _new_row(self, backend: BackendConfig, backend_id: int) -> _PoolRow:
-        status = None if backend.instance is None else self._instance_statuses.get(backend.instance, "unknown")
+        status = (None if backend.instance is None
+                  else self._instance_statuses.get(backend.instance, InstanceStatus.UNKNOWN))
         return _PoolRow(backend, id=backend_id, instance_status=status, weight=backend.weight)
 
     def _instance_event(self, event: InstanceEvent) -> None:
-        status = "removed" if event.removed else event.status
+        status = InstanceStatus.REMOVED if event.removed else event.status
         if event.removed:
             self._instance_statuses.pop(event.name, None)
         else:
@@ -192,10 +192,10 @@ class Listener(pykka.ThreadingActor):
         if not self._quarantine_aware:
             return
         now = time.monotonic()
-        if self._view_state(event.backend, now) != UP:
+        if self._view_state(event.backend, now) != BackendState.UP:
             return
-        others_routable = sum(1 for i in range(len(self._rows))
-                              if i != event.backend and self._view_state(i, now) in (UP, HALF_OPEN))
+        others_routable = sum(1 for i in range(len(self._rows)) if i != event.backend
+                              and self._view_state(i, now) in (BackendState.UP, BackendState.HALF_OPEN))
         if others_routable == 0:
             return
         row = self._rows[event.backend]
@@ -216,19 +216,19 @@ class Listener(pykka.ThreadingActor):
 
     # --- the merge ---
 
-    def _view_state(self, index: int, now: float) -> str:
+    def _view_state(self, index: int, now: float) -> BackendState:
         row = self._rows[index]
         if not row.process_ok:
-            return DOWN
+            return BackendState.DOWN
         if self.config.exclude_unhealthy and (not row.healthy or now < row.quarantined_until):
-            return DOWN
-        if row.breaker == OPEN:
-            return OPEN
+            return BackendState.DOWN
+        if row.breaker == BreakerState.OPEN:
+            return BackendState.OPEN
         if row.draining:
-            return DRAINING
-        if row.breaker == HALF_OPEN:
-            return HALF_OPEN
-        return UP
+            return BackendState.DRAINING
+        if row.breaker == BreakerState.HALF_OPEN:
+            return BackendState.HALF_OPEN
+        return BackendState.UP
 
     def _views(self) -> tuple[BackendView, ...]:
         now = time.monotonic()
@@ -238,7 +238,7 @@ class Listener(pykka.ThreadingActor):
             views.append(BackendView(
                 index=row.id, host=row.config.host, port=row.config.port, instance=row.config.instance,
                 weight=row.weight, state=state, region=row.config.region,
-                half_open_slots=self.config.circuit_breaker.half_open_requests if state == HALF_OPEN else 0,
+                half_open_slots=self.config.circuit_breaker.half_open_requests if state == BackendState.HALF_OPEN else 0,
             ))
         return tuple(views)
 
@@ -250,24 +250,13 @@ class Listener(pykka.ThreadingActor):
         self._version += 1
         self._publish_to_loop(PoolSnapshot(self.config.index, self._version, views))
 
-    def _row_dict(self, index: int) -> dict:
+    def _info(self, index: int) -> BackendInfo:
         row = self._rows[index]
         view = self._published[index] if self._published else None
-        now = time.monotonic()
-        return {
-            "index": index,
-            "id": row.id,
-            "address": row.config.address,
-            "instance": row.config.instance,
-            "app": row.config.app,
-            "process": row.instance_status,
-            "state": view.state if view else DOWN,
-            "healthy": row.healthy,
-            "health_error": row.health_error,
-            "breaker": row.breaker,
-            "draining": row.draining,
-            "quarantined_for": max(0.0, row.quarantined_until - now),
-            "weight": row.weight,
-            "region": row.config.region,
-            "listener": self.config.port,
-        }
+        return BackendInfo(
+            index=index, id=row.id, address=row.config.address, instance=row.config.instance, app=row.config.app,
+            process=row.instance_status, state=view.state if view else BackendState.DOWN, healthy=row.healthy,
+            health_error=row.health_error, breaker=row.breaker, draining=row.draining,
+            quarantined_for=max(0.0, row.quarantined_until - time.monotonic()), weight=row.weight,
+            region=row.config.region, listener=self.config.port,
+        )

@@ -1,9 +1,12 @@
-"""Messages the actors `tell` each other. Frozen dataclasses: a message is never mutated after send."""
+"""Messages the actors `tell` each other, and the records they answer `ask`s with. Frozen dataclasses:
+a message is never mutated after send. They become dicts only where the control socket answers.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pmdaemon.net.snapshot import Outcome
+from pmdaemon.states import BackendState, BreakerState, InstanceStatus
 
 
 @dataclass(frozen=True)
@@ -12,10 +15,50 @@ class InstanceEvent:
 
     name: str
     app: str
-    status: str  # launching, online, stopping, stopped, waiting restart, errored
+    status: InstanceStatus
     pid: int | None
     port: int | None
     removed: bool = False  # the instance was deleted (or scaled away) and will not come back
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """ProcessSupervisor -> whoever asks (`instances()`, `settled()`): one instance. `pmdaemon list`
+    prints these fields as they are (the control socket sends `asdict()` of each)."""
+
+    name: str
+    app: str
+    index: int
+    status: InstanceStatus
+    pid: int | None
+    port: int | None
+    uptime: float  # seconds since the spawn; 0.0 when not running
+    restarts: int
+    cpu: float  # % of one core, of the process tree since the last sample
+    memory: int  # resident bytes of the process tree
+    error: str | None  # why it is errored (or was not started)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """Listener -> whoever asks (`backends()`, `drain()`, `enable()`, `replace_pool()`): one backend of
+    its pool table, the parts of `lb backends` the Listener knows."""
+
+    index: int  # position in ListenerConfig.backends
+    id: int  # BackendView.index
+    address: str
+    instance: str | None
+    app: str | None
+    process: InstanceStatus | None  # the instance's last status; None for a backend with no managed instance
+    state: BackendState  # as the loop routes by it
+    healthy: bool
+    health_error: str | None
+    breaker: BreakerState
+    draining: bool
+    quarantined_for: float  # seconds left out after an ejection or a failed check
+    weight: int
+    region: str | None
+    listener: int  # the listener's port
 
 
 @dataclass(frozen=True)
@@ -38,10 +81,10 @@ class HealthEvent:
 
 @dataclass(frozen=True)
 class BreakerEvent:
-    """CircuitBreaker -> Listener: a backend's breaker changed state ("closed", "open", "half_open")."""
+    """CircuitBreaker -> Listener: a backend's breaker changed state."""
 
     backend: int
-    state: str
+    state: BreakerState
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import pykka
 
 from pmdaemon.actors.messages import InstanceUsage, Tick
 from pmdaemon.net.snapshot import LoopReport
+from pmdaemon.states import BackendState
 from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.control.metrics import LoadBalancerMetrics, json_samples, render_prometheus
@@ -105,7 +106,7 @@ class MetricsActor(pykka.ThreadingActor):
                 if sample is not None:
                     sample.offer(outcome.latency)
 
-    def set_backend_states(self, listener_index: int, states: dict[str, str]) -> None:
+    def set_backend_states(self, listener_index: int, states: dict[str, BackendState]) -> None:
         self._metrics.set_backend_states(listener_index, states)
 
     def set_instance_usage(self, name: str, cpu: float, rss: int) -> None:

@@ -14,6 +14,7 @@ import pykka
 
 from pmdaemon.actors.messages import BackendOutcomes
 from pmdaemon.config.model import RateLimiting
+from pmdaemon.states import ErrorKind
 
 MAX_TRACKED_CLIENTS = 10_000  # refusal counts per client IP; beyond it, the smallest counts are dropped
 
@@ -29,7 +30,7 @@ class RateLimiter(pykka.ThreadingActor):
         match message:
             case BackendOutcomes(outcomes=outcomes):
                 for outcome in outcomes:
-                    if outcome.error == "rate_limited":
+                    if outcome.error == ErrorKind.RATE_LIMITED:
                         self._refused += 1
                         self._refused_by_client[outcome.client_ip] += 1
                 if len(self._refused_by_client) > MAX_TRACKED_CLIENTS:

@@ -59,16 +59,16 @@ class Scorer(pykka.ThreadingActor):
 
     def _score(self) -> None:
         stats = pykka.get_all([ref.proxy().stats() for ref in self._backend_refs], timeout=ASK_TIMEOUT)
-        usage = {row["name"]: row for row in self._supervisor_ref.proxy().list().get(timeout=ASK_TIMEOUT)
-                 if row["pid"] is not None}
+        usage = {info.name: info for info in self._supervisor_ref.proxy().instances().get(timeout=ASK_TIMEOUT)
+                 if info.pid is not None}
         metrics = {}
         for i, (backend, traffic) in enumerate(zip(self._backends, stats)):
             process = usage.get(backend.instance) if backend.instance else None
             metrics[i] = BackendMetrics(
                 response_time=traffic["latency_ewma"],
                 error_rate=traffic["error_rate_ewma"],
-                cpu_usage=process["cpu"] if process else None,
-                memory_usage=process["memory"] if process else None,
+                cpu_usage=process.cpu if process else None,
+                memory_usage=process.memory if process else None,
             )
         self._last = metrics
         weights = self._scorer.update(metrics)

@@ -39,36 +39,36 @@ Every status change is told to each subscriber as an `InstanceEvent`.
 """
 from __future__ import annotations
 
-import errno
-import itertools
 import os
 import signal
-import socket
 import subprocess
 import time
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum, auto
 from pathlib import Path
 
 import psutil
 import pykka
 
-from pmdaemon.actors.messages import InstanceEvent, InstanceUsage
+from pmdaemon.actors.messages import InstanceEvent, InstanceInfo, InstanceUsage
+from pmdaemon.config.model import AppConfig, InstanceSpec, instance_spec
+from pmdaemon.control import proctree
+from pmdaemon.control.instancelogs import InstanceLogs
 from pmdaemon.control.procwatch import ProcessWatcher, kill_and_reap
-from pmdaemon.control.restartpolicy import ERRORED as VERDICT_ERRORED
-from pmdaemon.control.restartpolicy import RESTART, RestartHistory, RestartRules
+from pmdaemon.control.restartpolicy import CrashAction, RestartHistory, RestartRules
 from pmdaemon.control.timers import TimerHandle
-from pmdaemon.config.model import AppConfig, InstanceSpec
-from pmdaemon.config.model import instance_spec
+from pmdaemon.states import InstanceStatus
 
-LAUNCHING = "launching"
-ONLINE = "online"
-STOPPING = "stopping"
-STOPPED = "stopped"
-WAITING_RESTART = "waiting restart"
-ERRORED = "errored"
 
-RUN, STOP, REMOVE = "run", "stop", "remove"  # what the operator wants of an instance
+class Goal(Enum):
+    """What the operator wants of an instance: its process running, stopped, or the record gone."""
+
+    RUN = auto()
+    STOP = auto()
+    REMOVE = auto()
+
+
+_IDLE = frozenset({InstanceStatus.STOPPED, InstanceStatus.ERRORED})  # no process, none coming
 
 
 class UnknownTarget(LookupError):
@@ -108,8 +108,8 @@ class _SampleTick:
 class _Instance:
     spec: InstanceSpec
     app: AppConfig
-    status: str = STOPPED
-    goal: str = RUN
+    status: InstanceStatus = InstanceStatus.STOPPED
+    goal: Goal = Goal.RUN
     process: subprocess.Popen | None = None
     generation: int = 0
     started_at: float = 0.0  # time.monotonic() of the spawn
@@ -118,7 +118,7 @@ class _Instance:
     restart_requested: bool = False  # the running process is being stopped to be spawned again
     error: str | None = None
     timer: TimerHandle | None = None  # the pending restart or SIGKILL
-    tree: dict[int, psutil.Process] = field(default_factory=dict)  # last seen process tree, by pid
+    tree: proctree.Tree = field(default_factory=dict)  # last seen process tree, by pid
 
     @property
     def name(self) -> str:
@@ -140,7 +140,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
 
     def __init__(self, home: Path, sample_interval: float = 5.0):
         super().__init__()
-        self._logs = Path(home) / "logs"
+        self._logs = InstanceLogs(Path(home) / "logs")
         self._sample_interval = sample_interval
         self._apps: dict[str, AppConfig] = {}
         self._instances: dict[str, _Instance] = {}
@@ -152,7 +152,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
     # -- actor lifecycle ------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        self._logs.mkdir(parents=True, exist_ok=True)
+        self._logs.create()
         self._watcher.start()
         self._watcher.call_later(self._sample_interval, lambda: self._tell_self(_SampleTick()))
 
@@ -177,16 +177,16 @@ class ProcessSupervisor(pykka.ThreadingActor):
         start again. Otherwise the app (re)starts whole with this config.
         """
         mine = self._of_app(app.name)
-        if any(i.goal == RUN and i.status not in (STOPPED, ERRORED) for i in mine):
-            idle = [i for i in mine if i.goal == RUN and i.status in (STOPPED, ERRORED)]
+        if any(i.goal == Goal.RUN and i.status not in _IDLE for i in mine):
+            idle = [i for i in mine if i.goal == Goal.RUN and i.status in _IDLE]
             for instance in idle:
                 self._start_fresh(instance)
             return [i.name for i in idle]
         self._apps[app.name] = app
         started = [self._launch_index(app, index).name for index in range(app.instances)]
         for instance in mine:
-            if instance.spec.index >= app.instances and instance.goal != REMOVE:
-                self._request_stop(instance, REMOVE)
+            if instance.spec.index >= app.instances and instance.goal != Goal.REMOVE:
+                self._request_stop(instance, Goal.REMOVE)
         return started
 
     def stop(self, target: str) -> list[str]:
@@ -197,7 +197,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         """
         selected = self._select(target)
         for instance in selected:
-            self._request_stop(instance, STOP)
+            self._request_stop(instance, Goal.STOP)
         return [i.name for i in selected]
 
     def restart(self, target: str) -> list[str]:
@@ -210,7 +210,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
     def restart_instance(self, name: str) -> bool:
         """Restart one instance (health checks, memory limit); False if there is no such instance."""
         instance = self._instances.get(name)
-        if instance is None or instance.goal == REMOVE:
+        if instance is None or instance.goal == Goal.REMOVE:
             return False
         self._request_restart(instance)
         return True
@@ -223,7 +223,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         else:
             self._apps.pop(target, None)
         for instance in selected:
-            self._request_stop(instance, REMOVE)
+            self._request_stop(instance, Goal.REMOVE)
         return [i.name for i in selected]
 
     def scale(self, app: str, count: int) -> dict:
@@ -233,10 +233,10 @@ class ProcessSupervisor(pykka.ThreadingActor):
         if count < 0:
             raise ValueError(f"cannot scale {app!r} to {count} instances")
         config = self._apps[app] = replace(self._apps[app], instances=count)
-        live = sorted((i for i in self._of_app(app) if i.goal != REMOVE), key=lambda i: i.spec.index)
+        live = sorted((i for i in self._of_app(app) if i.goal != Goal.REMOVE), key=lambda i: i.spec.index)
         removed = [i.name for i in live[count:][::-1]]
         for name in removed:
-            self._request_stop(self._instances[name], REMOVE)
+            self._request_stop(self._instances[name], Goal.REMOVE)
         taken = {i.spec.index for i in live}
         added, index = [], 0
         while len(taken) + len(added) < count:
@@ -252,61 +252,53 @@ class ProcessSupervisor(pykka.ThreadingActor):
             raise UnknownTarget(f"no app named {app.name!r}")
         self._apps[app.name] = app
         for instance in self._of_app(app.name):
-            if instance.goal != REMOVE:
+            if instance.goal != Goal.REMOVE:
                 instance.app, instance.spec = app, _spec(app, instance.spec.index)
 
     def stop_all(self) -> list[str]:
         """Stop every instance and wait until their processes are gone (at most the longest kill_timeout + 1 s)."""
         instances = self._ordered()
         for instance in instances:
-            if instance.goal == RUN:
-                instance.goal = STOP
+            if instance.goal == Goal.RUN:
+                instance.goal = Goal.STOP
             instance.restart_requested = False
             instance.cancel_timer()
-            if instance.process is not None and instance.status != STOPPING:
+            if instance.process is not None and instance.status != InstanceStatus.STOPPING:
                 self._terminate(instance)
         running = [i for i in instances if i.process is not None]
         deadline = time.monotonic() + max((i.app.kill_timeout for i in running), default=0.0)
         for instance in running:
-            if not self._wait_process(instance.process, deadline):
-                self._signal_group(instance, signal.SIGKILL)
+            if not proctree.wait_until(instance.process, deadline):
+                proctree.signal_group(instance.process.pid, signal.SIGKILL)
         for instance in running:
-            self._wait_process(instance.process, time.monotonic() + 1.0)
+            proctree.wait_until(instance.process, time.monotonic() + 1.0)
             self._process_gone(instance)
         for instance in instances:
-            if instance.process is None and instance.goal == STOP and instance.status != STOPPED:
-                self._set_status(instance, STOPPED)
+            if instance.process is None and instance.goal == Goal.STOP and instance.status != InstanceStatus.STOPPED:
+                self._set_status(instance, InstanceStatus.STOPPED)
         return [i.name for i in instances]
 
-    def list(self) -> list[dict]:
-        """One row per instance: name, app, status, pid, port, uptime (s), restarts, cpu (%), memory (bytes), error."""
-        rows, children = [], _children_by_parent()
+    def instances(self) -> list[InstanceInfo]:
+        """Every instance, in the order `pmdaemon list` shows them (apps in config order, then index)."""
+        infos, children = [], proctree.children_by_parent()
         for instance in self._ordered():
-            cpu, memory = self._tree_usage(instance, children)
+            cpu, memory = proctree.tree_usage(self._sample_tree(instance, children))
             running = instance.process is not None
-            rows.append({
-                "name": instance.name,
-                "app": instance.spec.app,
-                "index": instance.spec.index,
-                "status": instance.status,
-                "pid": instance.process.pid if running else None,
-                "port": instance.spec.port,
-                "uptime": round(time.monotonic() - instance.started_at, 3) if running else 0.0,
-                "restarts": instance.restarts,
-                "cpu": round(cpu, 1),
-                "memory": memory,
-                "error": instance.error,
-            })
-        return rows
+            infos.append(InstanceInfo(
+                name=instance.name, app=instance.spec.app, index=instance.spec.index, status=instance.status,
+                pid=instance.process.pid if running else None, port=instance.spec.port,
+                uptime=round(time.monotonic() - instance.started_at, 3) if running else 0.0,
+                restarts=instance.restarts, cpu=round(cpu, 1), memory=memory, error=instance.error,
+            ))
+        return infos
+
+    def list(self) -> list[dict]:
+        """The control socket's answer to `pmdaemon list`: `instances()` as JSON objects."""
+        return [asdict(info) for info in self.instances()]
 
     def logs(self, app: str, lines: int = 15) -> dict[str, dict]:
         """The last `lines` lines of each selected instance's logs: {instance: {out, err, out_path, err_path}}."""
-        result = {}
-        for instance in self._select(app):
-            out_path, err_path = self._log_paths(instance.spec)
-            result[instance.name] = {"out": _tail(out_path, lines), "err": _tail(err_path, lines),
-                                     "out_path": str(out_path), "err_path": str(err_path)}
-        return result
+        return {instance.name: self._logs.last_lines(instance.name, lines) for instance in self._select(app)}
 
     def subscribe(self, actor_ref: pykka.ActorRef) -> None:
         """Tell `actor_ref` an InstanceEvent now for every instance, then on every status change."""
@@ -319,7 +311,8 @@ class ProcessSupervisor(pykka.ThreadingActor):
         self._usage_subscribers.append(actor_ref)
 
     def settled(self, names: list[str]) -> pykka.ThreadingFuture:
-        """A future set (to `list()` rows of those still present) once none of `names` is stopping or launching.
+        """A future set (to the `InstanceInfo`s of those still present) once none of `names` is stopping
+        or launching.
 
         stop/restart/delete return at once; a caller that wants PM2's "wait until done" does
         `proxy.settled(names).get().get(timeout)`.
@@ -344,23 +337,24 @@ class ProcessSupervisor(pykka.ThreadingActor):
             self._on_child_exited(message)
         elif isinstance(message, _RestartDue):
             instance = self._current(message.name, message.generation)
-            if instance is not None and instance.status == WAITING_RESTART:
+            if instance is not None and instance.status == InstanceStatus.WAITING_RESTART:
                 instance.timer = None
                 self._spawn(instance, counted=True)
         elif isinstance(message, _KillDue):
             instance = self._current(message.name, message.generation)
             if instance is not None and instance.process is not None:
                 instance.timer = None
-                self._note(instance, f"still running {instance.app.kill_timeout:g} s after SIGTERM: SIGKILL")
+                self._logs.note(instance.name, f"still running {instance.app.kill_timeout:g} s after SIGTERM: SIGKILL")
                 self._sample_tree(instance)
-                self._signal_group(instance, signal.SIGKILL)
+                proctree.signal_group(instance.process.pid, signal.SIGKILL)
                 kill_and_reap(p for p in instance.tree.values() if p.pid != instance.process.pid)
         elif isinstance(message, _SampleTick):
             children = None
             if any(i.process is not None for i in self._instances.values()):
-                children = _children_by_parent()
+                children = proctree.children_by_parent()
                 self._enforce_memory_limits(children)
-                self._reap_adopted_zombies(children)
+                leaders = {i.process.pid for i in self._instances.values() if i.process is not None}
+                proctree.reap_adopted_zombies(leaders, children)
             self._publish_usage(children)
             self._watcher.call_later(self._sample_interval, lambda: self._tell_self(_SampleTick()))
 
@@ -370,27 +364,27 @@ class ProcessSupervisor(pykka.ThreadingActor):
             return  # already handled by stop_all()
         uptime = time.monotonic() - instance.started_at
         self._process_gone(instance)
-        if instance.goal != RUN:
+        if instance.goal != Goal.RUN:
             return
         if instance.restart_requested:
             instance.restart_requested = False
             self._spawn(instance, counted=True)
             return
         verdict, instance.history = instance.history.after_crash(RestartRules.of(instance.app), uptime)
-        if verdict.action == RESTART:
+        if verdict.action == CrashAction.RESTART:
             if verdict.delay > 0:
-                self._set_status(instance, WAITING_RESTART)
+                self._set_status(instance, InstanceStatus.WAITING_RESTART)
                 generation = instance.generation
                 instance.timer = self._watcher.call_later(
                     verdict.delay, lambda: self._tell_self(_RestartDue(instance.name, generation)))
             else:
                 self._spawn(instance, counted=True)
-        elif verdict.action == VERDICT_ERRORED:
+        elif verdict.action == CrashAction.ERRORED:
             instance.error = f"exited with code {message.returncode}; {verdict.reason}"
-            self._note(instance, instance.error)
-            self._set_status(instance, ERRORED)
+            self._logs.note(instance.name, instance.error)
+            self._set_status(instance, InstanceStatus.ERRORED)
         else:
-            self._set_status(instance, STOPPED)
+            self._set_status(instance, InstanceStatus.STOPPED)
 
     # -- transitions ----------------------------------------------------------------------------
 
@@ -400,7 +394,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         instance = self._instances.get(spec.name)
         if instance is None:
             instance = self._instances[spec.name] = _Instance(spec, app)
-        instance.spec, instance.app, instance.goal = spec, app, RUN
+        instance.spec, instance.app, instance.goal = spec, app, Goal.RUN
         if instance.process is None:
             self._start_fresh(instance)
         else:  # its previous process is still being stopped: spawn again when it is gone
@@ -413,38 +407,38 @@ class ProcessSupervisor(pykka.ThreadingActor):
         self._spawn(instance, counted=False)
 
     def _request_restart(self, instance: _Instance) -> None:
-        instance.goal = RUN
+        instance.goal = Goal.RUN
         if instance.process is not None:
             instance.restart_requested = True
-            if instance.status != STOPPING:
+            if instance.status != InstanceStatus.STOPPING:
                 self._terminate(instance)
-        elif instance.status == WAITING_RESTART:
+        elif instance.status == InstanceStatus.WAITING_RESTART:
             instance.cancel_timer()
             self._spawn(instance, counted=True)
         else:
             instance.history = RestartHistory()
             self._spawn(instance, counted=True)
 
-    def _request_stop(self, instance: _Instance, goal: str) -> None:
+    def _request_stop(self, instance: _Instance, goal: Goal) -> None:
         instance.goal = goal
         instance.restart_requested = False
         instance.cancel_timer()
         if instance.process is not None:
-            if instance.status != STOPPING:
+            if instance.status != InstanceStatus.STOPPING:
                 self._terminate(instance)
-        elif goal == REMOVE:
+        elif goal == Goal.REMOVE:
             self._drop(instance)
         else:
-            self._set_status(instance, STOPPED)
+            self._set_status(instance, InstanceStatus.STOPPED)
 
     def _spawn(self, instance: _Instance, counted: bool) -> None:
         spec = instance.spec
         instance.error = None
-        if spec.port is not None and _port_in_use(spec.port):
-            self._fail(instance, _port_in_use_message(spec.port, spec.name))
+        if spec.port is not None and proctree.port_in_use(spec.port):
+            self._fail(instance, proctree.port_in_use_message(spec.port, spec.name))
             return
-        self._set_status(instance, LAUNCHING)
-        out_path, err_path = self._log_paths(spec)
+        self._set_status(instance, InstanceStatus.LAUNCHING)
+        out_path, err_path = self._logs.paths(spec.name)
         try:
             with open(out_path, "ab") as out, open(err_path, "ab") as err:
                 env = {**os.environ, **{key: str(value) for key, value in spec.env.items()}}  # numbers allowed
@@ -461,62 +455,41 @@ class ProcessSupervisor(pykka.ThreadingActor):
             instance.restarts += 1
         generation = instance.generation
         self._watcher.watch(process, lambda code: self._tell_self(_ChildExited(spec.name, generation, code)))
-        self._set_status(instance, ONLINE)
+        self._set_status(instance, InstanceStatus.ONLINE)
 
     def _fail(self, instance: _Instance, error: str) -> None:
         instance.error = error
-        self._note(instance, error)
-        self._set_status(instance, ERRORED)
+        self._logs.note(instance.name, error)
+        self._set_status(instance, InstanceStatus.ERRORED)
 
     def _terminate(self, instance: _Instance) -> None:
         """SIGTERM the group (and descendants that left it); schedule the SIGKILL."""
         self._sample_tree(instance)
-        self._signal_group(instance, signal.SIGTERM)
-        pgid = instance.process.pid
-        for process in instance.tree.values():
-            try:
-                if os.getpgid(process.pid) != pgid:
-                    process.terminate()
-            except (OSError, psutil.Error):
-                pass
-        self._set_status(instance, STOPPING)
+        proctree.signal_group(instance.process.pid, signal.SIGTERM)
+        proctree.terminate_strays(instance.tree.values(), pgid=instance.process.pid)
+        self._set_status(instance, InstanceStatus.STOPPING)
         generation = instance.generation
         instance.timer = self._watcher.call_later(
             instance.app.kill_timeout, lambda: self._tell_self(_KillDue(instance.name, generation)))
 
     def _process_gone(self, instance: _Instance) -> None:
         """The leader has exited: kill and reap what is left of its tree, then settle the goal."""
-        leader = instance.process.pid
-        leftovers = {p.pid: p for p in instance.tree.values() if p.pid != leader}
-        children = _children_by_parent()
-        for process in itertools.chain.from_iterable(children.values()):
-            try:
-                if process.pid != leader and os.getpgid(process.pid) == leader:
-                    leftovers.setdefault(process.pid, process)
-            except OSError:
-                pass
-        pending = list(leftovers)
-        while pending:  # and every descendant of a leftover
-            for child in children.get(pending.pop(), ()):
-                if child.pid not in leftovers:
-                    leftovers[child.pid] = child
-                    pending.append(child.pid)
-        kill_and_reap(leftovers.values())
+        kill_and_reap(proctree.leftovers(instance.process.pid, instance.tree, proctree.children_by_parent()))
         instance.process = None
         instance.tree = {}
         instance.cancel_timer()
-        if instance.goal == REMOVE:
+        if instance.goal == Goal.REMOVE:
             self._drop(instance)
-        elif instance.goal == STOP:
-            self._set_status(instance, STOPPED)
+        elif instance.goal == Goal.STOP:
+            self._set_status(instance, InstanceStatus.STOPPED)
 
     def _drop(self, instance: _Instance) -> None:
         del self._instances[instance.name]
-        instance.status = STOPPED
+        instance.status = InstanceStatus.STOPPED
         self._notify(instance, removed=True)
         self._resolve_settled()
 
-    def _set_status(self, instance: _Instance, status: str) -> None:
+    def _set_status(self, instance: _Instance, status: InstanceStatus) -> None:
         if instance.status != status:
             instance.status = status
             self._notify(instance)
@@ -524,105 +497,48 @@ class ProcessSupervisor(pykka.ThreadingActor):
 
     # -- resources ------------------------------------------------------------------------------
 
-    def _sample_tree(self, instance: _Instance, children: dict[int, list[psutil.Process]] | None = None) -> list[psutil.Process]:
-        """The instance's live process tree (leader first), reusing the psutil objects seen before
-        (cpu_percent measures between two calls on the same object).
+    def _sample_tree(self, instance: _Instance, children: proctree.Children | None = None) -> list[psutil.Process]:
+        """The instance's live process tree (leader first), remembered for the next sample and the stop.
 
-        `children` is a `_children_by_parent()` map; callers sampling many instances make it once,
-        as one pass over /proc instead of one per instance.
+        `children` is a `proctree.children_by_parent()` map; callers sampling many instances make it
+        once, as one pass over /proc instead of one per instance.
         """
         if instance.process is None:
             return []
-        children = _children_by_parent() if children is None else children
-        previous, tree = instance.tree, {}
-        try:
-            tree[instance.process.pid] = previous.get(instance.process.pid) or psutil.Process(instance.process.pid)
-        except psutil.Error:
-            return []
-        pending = [instance.process.pid]
-        while pending:
-            for child in children.get(pending.pop(), ()):
-                seen = previous.get(child.pid)
-                tree[child.pid] = seen if seen == child else child  # == also compares start times: pid reuse
-                pending.append(child.pid)
-        instance.tree = tree
-        return list(tree.values())
+        children = proctree.children_by_parent() if children is None else children
+        instance.tree = proctree.sample_tree(instance.process.pid, instance.tree, children)
+        return list(instance.tree.values())
 
-    def _tree_usage(self, instance: _Instance, children: dict[int, list[psutil.Process]]) -> tuple[float, int]:
-        """CPU (% of one core, since the last sample) and resident bytes of the instance's process tree."""
-        cpu, memory = 0.0, 0
-        for process in self._sample_tree(instance, children):
-            try:
-                with process.oneshot():
-                    cpu += process.cpu_percent(None)
-                    memory += process.memory_info().rss
-            except psutil.Error:
-                pass
-        return cpu, memory
-
-    def _publish_usage(self, children: dict[int, list[psutil.Process]] | None) -> None:
+    def _publish_usage(self, children: proctree.Children | None) -> None:
         """Tell usage subscribers the usage of every running instance whose app collects metrics.
-        `children` is this tick's `_children_by_parent()`, None when no instance runs."""
+        `children` is this tick's `proctree.children_by_parent()`, None when no instance runs."""
         if not self._usage_subscribers:
             return
         collected = [i for i in self._ordered() if i.process is not None and i.app.monitoring_enabled
                      and i.app.metrics_collection] if children is not None else []
-        usage = InstanceUsage(tuple((i.name, *self._tree_usage(i, children)) for i in collected))
+        usage = InstanceUsage(tuple((i.name, *proctree.tree_usage(self._sample_tree(i, children))) for i in collected))
         for subscriber in list(self._usage_subscribers):
             try:
                 subscriber.tell(usage)
             except pykka.ActorDeadError:
                 self._usage_subscribers.remove(subscriber)
 
-    def _enforce_memory_limits(self, children: dict[int, list[psutil.Process]]) -> None:
+    def _enforce_memory_limits(self, children: proctree.Children) -> None:
         for instance in self._ordered():
             limit = instance.app.max_memory_restart
-            if instance.status != ONLINE or not limit:
+            if instance.status != InstanceStatus.ONLINE or not limit:
                 continue
-            memory = 0
-            for process in self._sample_tree(instance, children):
-                try:
-                    memory += process.memory_info().rss
-                except psutil.Error:
-                    pass
+            memory = proctree.tree_memory(self._sample_tree(instance, children))
             if memory > limit:
-                self._note(instance, f"memory {memory} bytes over max_memory_restart {limit} bytes: restarting")
+                self._logs.note(instance.name,
+                                f"memory {memory} bytes over max_memory_restart {limit} bytes: restarting")
                 self._request_restart(instance)
-
-    def _reap_adopted_zombies(self, children: dict[int, list[psutil.Process]]) -> None:
-        """Reap exited orphans of running instances that were re-parented to us (we are their subreaper).
-
-        Only members of a running instance's process group: a zombie child of any other origin may
-        belong to a `subprocess.Popen` elsewhere in this process, which must reap it itself.
-        """
-        leaders = {i.process.pid for i in self._instances.values() if i.process is not None}
-        for child in children.get(os.getpid(), ()):
-            try:
-                if (child.pid not in leaders and child.status() == psutil.STATUS_ZOMBIE
-                        and os.getpgid(child.pid) in leaders):
-                    os.waitpid(child.pid, os.WNOHANG)
-            except (OSError, psutil.Error):
-                pass
 
     # -- helpers --------------------------------------------------------------------------------
 
-    def _signal_group(self, instance: _Instance, signum: int) -> None:
-        try:
-            os.killpg(instance.process.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is already empty
-
-    @staticmethod
-    def _wait_process(process: subprocess.Popen, deadline: float) -> bool:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-
     def _select(self, target: str) -> list[_Instance]:
         """The instances `target` names (an app, an instance or "all"), leaving out those being deleted."""
-        ordered = [i for i in self._ordered() if i.goal != REMOVE]
+        ordered = [i for i in self._ordered() if i.goal != Goal.REMOVE]
         if target == "all":
             return ordered
         selected = [i for i in ordered if i.spec.app == target] or [i for i in ordered if i.name == target]
@@ -641,15 +557,6 @@ class ProcessSupervisor(pykka.ThreadingActor):
         instance = self._instances.get(name)
         return instance if instance is not None and instance.generation == generation else None
 
-    def _log_paths(self, spec: InstanceSpec) -> tuple[Path, Path]:
-        return self._logs / f"{spec.name}-out.log", self._logs / f"{spec.name}-error.log"
-
-    def _note(self, instance: _Instance, text: str) -> None:
-        """Append a supervisor line to the instance's error log, where its operator looks first."""
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        with open(self._log_paths(instance.spec)[1], "a", encoding="utf-8") as err:
-            err.write(f"[pmdaemon {stamp}] {instance.name}: {text}\n")
-
     def _notify(self, instance: _Instance, removed: bool = False, only: pykka.ActorRef | None = None) -> None:
         event = InstanceEvent(instance.name, instance.spec.app, instance.status,
                               instance.process.pid if instance.process else None, instance.spec.port, removed)
@@ -663,12 +570,12 @@ class ProcessSupervisor(pykka.ThreadingActor):
         if not self._settle_waiters:
             return
         busy = {i.name for i in self._instances.values()
-                if i.status in (STOPPING, LAUNCHING) or i.restart_requested}
+                if i.status in (InstanceStatus.STOPPING, InstanceStatus.LAUNCHING) or i.restart_requested}
         for waiter in list(self._settle_waiters):
             names, future = waiter
             if not names & busy:
                 self._settle_waiters.remove(waiter)
-                future.set([row for row in self.list() if row["name"] in names])
+                future.set([info for info in self.instances() if info.name in names])
 
     def _tell_self(self, message: object) -> None:
         """From the watcher thread: hand the event to the actor thread (dropped once the actor stopped)."""
@@ -677,45 +584,3 @@ class ProcessSupervisor(pykka.ThreadingActor):
         except pykka.ActorDeadError:
             pass
 
-
-def _children_by_parent() -> dict[int, list[psutil.Process]]:
-    """pid -> its child processes, for every process, from one pass over /proc."""
-    children: dict[int, list[psutil.Process]] = {}
-    for process in psutil.process_iter(["ppid"]):
-        children.setdefault(process.info["ppid"], []).append(process)
-    return children
-
-
-def _port_in_use(port: int) -> bool:
-    """Is something already accepting connections on 127.0.0.1:port? (a refused connect means free)"""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex(("127.0.0.1", port)) != errno.ECONNREFUSED
-
-
-def _port_in_use_message(port: int, name: str) -> str:
-    holder = ""
-    try:
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
-                holder = f" by pid {conn.pid} ({psutil.Process(conn.pid).name()})"
-                break
-    except psutil.Error:
-        pass
-    return f"port {port} is already in use{holder}; {name} not started (free the port, then restart it)"
-
-
-def _tail(path: Path, lines: int) -> str:
-    """The last `lines` lines of a file, read backwards in blocks (log files grow without bound)."""
-    if lines <= 0 or not path.exists():
-        return ""
-    with open(path, "rb") as log_file:
-        position = log_file.seek(0, os.SEEK_END)
-        data = b""
-        while position > 0 and data.count(b"\n") <= lines:
-            step = min(65536, position)
-            position -= step
-            log_file.seek(position)
-            data = log_file.read(step) + data
-    kept = data.decode("utf-8", errors="replace").splitlines(keepends=True)[-lines:]
-    return "".join(kept)

@@ -43,7 +43,8 @@ from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
-from pmdaemon.net.snapshot import DRAINING, BackendView
+from pmdaemon.net.snapshot import BackendView
+from pmdaemon.states import BackendState
 
 FORMATS = ("nginx", "haproxy")
 HAPROXY_MAX_WEIGHT = 256
@@ -310,7 +311,7 @@ def _nginx_servers(pool: _Pool) -> list[str]:
         passive = _nginx_passive_check(pool.listener, member.check)
         if passive:
             params.append(passive)
-        if view.state == DRAINING:
+        if view.state == BackendState.DRAINING:
             params.append("down")
         lines.append(f"server {view.address} {' '.join(params)};{_state_comment(member)}")
     return lines
@@ -458,7 +459,7 @@ def _haproxy_balance(pool: _Pool) -> list[str]:
 def _haproxy_server(pool: _Pool, member: _Member) -> str:
     listener = pool.listener
     view = member.view
-    weight = 0 if view.state == DRAINING else min(HAPROXY_MAX_WEIGHT, max(1, view.weight))
+    weight = 0 if view.state == BackendState.DRAINING else min(HAPROXY_MAX_WEIGHT, max(1, view.weight))
     params = [f"weight {weight}", "check"]
     if member.check is not None:
         params += [f"inter {_duration(member.check.interval)}", f"fall {member.check.failure_threshold}",

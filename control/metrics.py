@@ -53,25 +53,28 @@ from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
 from pmdaemon.config.model import ListenerConfig
-from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, Outcome
+from pmdaemon.net.snapshot import Outcome
+from pmdaemon.states import BackendState, ErrorKind
 
 # Upper bounds (seconds) of the latency buckets; a last, implicit bucket holds everything slower.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
     0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0,
 )
+# The error kinds counted per backend, in the order `lb stats` lists them; a client that went away or
+# stalled (CLIENT_CLOSED, CLIENT_TIMEOUT) is no error of the service.
 ERROR_KINDS = (
-    "connect", "timeout", "reset", "invalid_response", "lb_4xx", "lb_5xx",
-    "rate_limited", "breaker_open", "no_backend",
+    ErrorKind.CONNECT, ErrorKind.TIMEOUT, ErrorKind.RESET, ErrorKind.INVALID_RESPONSE, ErrorKind.LB_4XX,
+    ErrorKind.LB_5XX, ErrorKind.RATE_LIMITED, ErrorKind.BREAKER_OPEN, ErrorKind.NO_BACKEND,
 )
 # Refusals of a client's own request: they are counted as errors but are not the service failing,
 # so they stay out of `error_rate`.
-CLIENT_ERROR_KINDS = frozenset({"lb_4xx", "rate_limited"})
+CLIENT_ERROR_KINDS = frozenset({ErrorKind.LB_4XX, ErrorKind.RATE_LIMITED})
 CODE_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")  # index = status // 100, 0 = no status
 RATE_WINDOW = 10  # seconds behind requests_per_second
 RECENT_WINDOW = 60  # seconds behind traffic shares, error_rate and the response time quantiles
-HEALTHY_STATES = frozenset({UP, HALF_OPEN, DRAINING})
-CIRCUIT_STATE = {OPEN: 2, HALF_OPEN: 1}  # anything else: closed (0)
+HEALTHY_STATES = frozenset({BackendState.UP, BackendState.HALF_OPEN, BackendState.DRAINING})
+CIRCUIT_STATE = {BackendState.OPEN: 2, BackendState.HALF_OPEN: 1}  # anything else: closed (0)
 
 
 class LatencyHistogram:
@@ -222,7 +225,7 @@ class _BackendSeries:
         self.address = address
         self.instance = instance
         self.by_class = [0] * len(CODE_CLASSES)
-        self.state = DOWN  # a backend starts down until someone says otherwise
+        self.state = BackendState.DOWN  # a backend starts down until someone says otherwise
         self.active = 0
 
 
@@ -362,7 +365,7 @@ class LoadBalancerMetrics:
             for position, backend in enumerate(series.by_index):
                 backend.active = active.get((index, position), 0)
 
-    def set_backend_states(self, listener_index: int, states: dict[str, str]) -> None:
+    def set_backend_states(self, listener_index: int, states: dict[str, BackendState]) -> None:
         """States by address: up, down, draining, open, half_open. Unknown addresses are ignored."""
         series = self._listeners.get(listener_index)
         if series is None:
@@ -482,7 +485,7 @@ class LoadBalancerMetrics:
             "p95_response_time": latency.quantile(0.95),
             "p99_response_time": latency.quantile(0.99),
             "active_connections": series.client_connections,
-            "open_circuits": sum(1 for state in states if state == OPEN),
+            "open_circuits": sum(1 for state in states if state == BackendState.OPEN),
         }
 
     def families(self, detailed: bool, now: float, ports: Iterable[int] | None = None) -> list[Family]:

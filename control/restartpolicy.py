@@ -20,16 +20,22 @@ when an operator starts a stopped or errored instance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum, auto
 
 from pmdaemon.config.model import AppConfig
-
-RESTART = "restart"
-ERRORED = "errored"
-STOPPED = "stopped"
 
 BACKOFF_FACTOR = 1.5
 BACKOFF_CAP = 15.0  # seconds
 BACKOFF_RESET_UPTIME = 30.0  # seconds up after which the exponential backoff starts over
+
+
+class CrashAction(Enum):
+    """What a crash leads to: a restart (now or after a delay), or the instance left `errored` or
+    `stopped` (the statuses of the same names)."""
+
+    RESTART = auto()
+    ERRORED = auto()
+    STOPPED = auto()
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,10 @@ class RestartRules:
 
 @dataclass(frozen=True)
 class CrashVerdict:
-    action: str  # RESTART, ERRORED or STOPPED
+    action: CrashAction
     delay: float = 0.0  # seconds to wait before the restart ("waiting restart" meanwhile)
     unstable: bool = False  # the process ran less than min_uptime
-    reason: str = ""  # for the error log and `list()`, when the verdict is ERRORED
+    reason: str = ""  # for the error log and `list()`, when the action is ERRORED
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,11 @@ class RestartHistory:
         unstable = uptime < rules.min_uptime
         streak = self.unstable_restarts if unstable else 0
         if not rules.autorestart:
-            return CrashVerdict(STOPPED, unstable=unstable), RestartHistory(streak, self.backoff_delay)
+            return CrashVerdict(CrashAction.STOPPED, unstable=unstable), RestartHistory(streak, self.backoff_delay)
         if unstable and streak >= rules.max_restarts:
             reason = (f"crashed {streak + 1} times in a row within min_uptime ({rules.min_uptime:g} s); "
                       f"not restarted after max_restarts ({rules.max_restarts})")
-            return CrashVerdict(ERRORED, unstable=True, reason=reason), RestartHistory(0, 0.0)
+            return CrashVerdict(CrashAction.ERRORED, unstable=True, reason=reason), RestartHistory(0, 0.0)
         if unstable:
             streak += 1
         backoff = 0.0
@@ -80,4 +86,4 @@ class RestartHistory:
             delay = backoff
         else:
             delay = rules.restart_delay
-        return CrashVerdict(RESTART, delay=delay, unstable=unstable), RestartHistory(streak, backoff)
+        return CrashVerdict(CrashAction.RESTART, delay=delay, unstable=unstable), RestartHistory(streak, backoff)

@@ -37,7 +37,9 @@ from typing import Callable, Sequence
 import pykka
 
 from pmdaemon.actors.alb import deregister_and_wait
+from pmdaemon.actors.messages import BackendInfo
 from pmdaemon.config.model import HealthCheckConfig
+from pmdaemon.states import InstanceStatus
 
 ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
 DRAIN_SETTLE = 0.15  # seconds: 3 loop report intervals, see the module docstring
@@ -62,14 +64,14 @@ class Seat:
     instance: str | None = None  # the managed instance serving there (None: an external backend)
     probe: pykka.ActorRef | None = None  # the listener's HealthProbe (why a check fails)
 
-    def row(self) -> dict:
-        """The Listener's row for this backend (process, healthy, draining, health_error...)."""
+    def info(self) -> BackendInfo:
+        """What the Listener knows of this backend now (process, healthy, draining, health_error...)."""
         return self.listener.proxy().backends().get(timeout=ASK_TIMEOUT)[self.position]
 
 
 @dataclass(frozen=True)
 class Instance:
-    """What a rollout needs of one instance (from the supervisor's `list()`)."""
+    """What a rollout needs of one instance (from the supervisor's `instances()` and the app's config)."""
 
     name: str
     app: str
@@ -134,7 +136,7 @@ class Rollout:
         returns, per seat, whether it was draining already (an operator's `lb drain`)."""
         already = []
         for seat in seats:
-            already.append(seat.row()["draining"])
+            already.append(seat.info().draining)
             seat.listener.proxy().drain([seat.position]).get(timeout=ASK_TIMEOUT)
         if not seats:
             return already
@@ -191,15 +193,15 @@ class Rollout:
         deadline = time.monotonic() + timeout
         failures = []
         while True:
-            statuses = {row["name"]: row for row in self._supervisor.list().get(timeout=ASK_TIMEOUT)}
+            infos = {info.name: info for info in self._supervisor.instances().get(timeout=ASK_TIMEOUT)}
             for name, (instance, seats) in list(waiting.items()):
-                row = statuses.get(name)
+                info = infos.get(name)
                 failure = None
-                if row is None:
+                if info is None:
                     failure = f"{name} is gone (deleted or scaled away)"
-                elif row["status"] in ("errored", "stopped"):
-                    failure = f"{name} is {row['status']}" + (f": {row['error']}" if row.get("error") else "")
-                elif row["status"] == "online" and _ready(instance, seats):
+                elif info.status in (InstanceStatus.ERRORED, InstanceStatus.STOPPED):
+                    failure = f"{name} is {info.status}" + (f": {info.error}" if info.error else "")
+                elif info.status == InstanceStatus.ONLINE and _ready(instance, seats):
                     del waiting[name]
                 if failure is not None:
                     del waiting[name]
@@ -227,7 +229,7 @@ def ready_timeout(seats: Sequence[Seat]) -> float:
 
 def _ready(instance: Instance, seats: Sequence[Seat]) -> bool:
     if seats:
-        return all(row["process"] == "online" and row["healthy"] for row in (seat.row() for seat in seats))
+        return all(info.process == InstanceStatus.ONLINE and info.healthy for info in (seat.info() for seat in seats))
     return instance.port is None or port_accepts(instance.port)
 
 

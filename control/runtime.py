@@ -10,9 +10,10 @@ Per listener it starts (actors/*.py):
   Alerter        when `alerts.enabled`: evaluates the rules over the MetricsActor's values
 and one MetricsActor for all listeners (it also receives every published pool state), and
 subscribes each Listener to the supervisor's InstanceEvents. The IOLoop runs on one thread; its
-`on_report` callback (`_ReportFanOut`) splits each LoopReport per listener and backend and only
-`tell`s. The daemon calls the public methods from its control-socket threads: they `ask` actors,
-never the loop, and the ones that change state (apply, drain, shutdown) take `self._lock`.
+`on_report` callback (`ReportFanOut`, control/fanout.py) splits each LoopReport per listener and
+backend and only `tell`s. The daemon calls the public methods from its control-socket threads: they
+`ask` actors, never the loop, and the ones that change state (apply, drain, shutdown) take
+`self._lock`; the read-only `lb` queries are in control/lbqueries.py.
 
 Zero-downtime operations (`reload_app`, `scale`, `reload_config`) run one at a time on the calling
 thread, built from the steps of control/rollout.py (drain, restart, wait healthy, put back) and from
@@ -28,9 +29,8 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pykka
@@ -41,9 +41,10 @@ from pmdaemon.actors.backend import Backend
 from pmdaemon.actors.breaker import CircuitBreaker
 from pmdaemon.actors.health import HealthProbe
 from pmdaemon.actors.listener import Listener
-from pmdaemon.actors.messages import BackendOutcomes
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.actors.ratelimiter import RateLimiter
+from pmdaemon.control.fanout import ListenerUnit, ReportFanOut
+from pmdaemon.control.lbqueries import LbQueries
 from pmdaemon.control.rollout import Instance, Rollout, RolloutAborted, Seat
 from pmdaemon.actors.scorer import Scorer
 from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
@@ -55,113 +56,20 @@ from pmdaemon.config.loader import ConfigError
 from pmdaemon.config.model import instance_spec
 from pmdaemon.net.listeners import ListenerTls
 from pmdaemon.net.loop import IOLoop
-from pmdaemon.net.snapshot import HALF_OPEN, OPEN, UP, LoopReport, PoolSnapshot
+from pmdaemon.net.snapshot import PoolSnapshot
 from pmdaemon.net.sticky import load_or_create_key
 from pmdaemon.net.strategies import make_strategy
+from pmdaemon.states import InstanceStatus
 
 ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
 LOOP_JOIN_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class _ListenerUnit:
-    """The actors serving one listener."""
-
-    config: ListenerConfig
-    listener: pykka.ActorRef
-    probe: pykka.ActorRef
-    backends: tuple[pykka.ActorRef, ...]
-    breaker: pykka.ActorRef | None
-    ratelimiter: pykka.ActorRef | None
-    scorer: pykka.ActorRef | None
-    alerter: pykka.ActorRef | None
-    ids: tuple[int, ...] = ()  # each backend's BackendView.index, in config.backends order
-    positions: dict[int, int] | None = None  # backend id -> position, None while they are equal
-
-    @classmethod
-    def numbered(cls, ids: tuple[int, ...], **parts) -> "_ListenerUnit":
-        positions = None if ids == tuple(range(len(ids))) else {backend_id: i for i, backend_id in enumerate(ids)}
-        return cls(ids=ids, positions=positions, **parts)
-
-
-class _ReportFanOut:
-    """The IOLoop's `on_report`: runs on the loop thread, so it only splits the report and `tell`s.
-
-    `units` is replaced whole (never mutated) by the Runtime, so the loop thread reads a consistent map.
-    `active` is the last report's gauges ((listener, backend id) -> requests in flight), read by drains.
-    """
-
-    def __init__(self) -> None:
-        self.units: dict[int, _ListenerUnit] = {}
-        self.metrics: pykka.ActorRef | None = None
-        self.active: dict = {}
-        self._told: dict = {}  # Backend actor ref -> the in-flight gauge last told to it
-
-    def __call__(self, report: LoopReport) -> None:
-        units = self.units
-        self.active = report.active
-        told = {}
-        if self.metrics is not None:
-            _tell(self.metrics, _by_position(report, units))
-        by_listener: dict[int, list] = defaultdict(list)
-        for outcome in report.outcomes:
-            by_listener[outcome.listener].append(outcome)
-        for index, unit in units.items():
-            outcomes = by_listener.get(index, ())
-            if outcomes and unit.positions is not None:
-                outcomes = [_at_position(outcome, unit.positions) for outcome in outcomes]
-            by_backend: dict[int, list] = defaultdict(list)
-            for outcome in outcomes:
-                by_backend[outcome.backend].append(outcome)
-            for backend, ref in enumerate(unit.backends):
-                active = told[ref] = report.active.get((index, unit.ids[backend]), 0)
-                if backend in by_backend or active != self._told.get(ref, 0):
-                    _tell(ref, BackendOutcomes(tuple(by_backend.get(backend, ())), active))
-            if outcomes and unit.breaker is not None:
-                _tell(unit.breaker, BackendOutcomes(tuple(outcomes)))
-            if unit.ratelimiter is not None:
-                refused = tuple(o for o in outcomes if o.error == "rate_limited")
-                if refused:
-                    _tell(unit.ratelimiter, BackendOutcomes(refused))
-        self._told = told
-
-
-def _at_position(outcome, positions: dict[int, int]):
-    """The outcome with its backend id turned into the position in the unit's config (-1: left the pool)."""
-    if outcome.backend < 0:
-        return outcome
-    return outcome._replace(backend=positions.get(outcome.backend, -1))
-
-
-def _by_position(report: LoopReport, units: dict[int, _ListenerUnit]) -> LoopReport:
-    """The report as the MetricsActor reads it: backends by position in each listener's config."""
-    renumbered = {index: unit.positions for index, unit in units.items() if unit.positions is not None}
-    if not renumbered:
-        return report
-    outcomes = tuple(_at_position(o, renumbered[o.listener]) if o.listener in renumbered else o
-                     for o in report.outcomes)
-    active = {}
-    for (listener, backend), count in report.active.items():
-        positions = renumbered.get(listener)
-        if positions is None:
-            active[(listener, backend)] = count
-        elif backend in positions:
-            active[(listener, positions[backend])] = count
-    return LoopReport(outcomes, active, report.client_connections, report.client_regions)
-
-
-def _tell(ref: pykka.ActorRef, message: object) -> None:
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        pass  # shutting down
 
 
 def _listener_path(config: Config, listener: ListenerConfig) -> str:
     return "load_balancer" if len(config.listeners) == 1 else f"load_balancer[{listener.index}]"
 
 
-class Runtime:
+class Runtime(LbQueries):
     """Starts and stops everything one config describes, and answers the `lb` commands."""
 
     def __init__(self, home: Path):
@@ -170,7 +78,7 @@ class Runtime:
         self.config: Config | None = None
         self._lock = threading.RLock()
         self._timers = Timers()
-        self._fanout = _ReportFanOut()
+        self._fanout = ReportFanOut()
         self._loop = None
         self._loop_thread: threading.Thread | None = None
         self._strategy_factory = None  # the loop's, kept to check a reloaded config before applying it
@@ -271,13 +179,13 @@ class Runtime:
         else:
             self._metrics.proxy().reconfigure(listeners).get(timeout=ASK_TIMEOUT)
 
-    def _start_unit(self, config: ListenerConfig) -> _ListenerUnit:
+    def _start_unit(self, config: ListenerConfig) -> ListenerUnit:
         listener = Listener.start(config, self._publish, self._timers)
         probe = HealthProbe.start(config, listener, self.supervisor, self._timers)
         listener.proxy().attach_probe(probe).get(timeout=ASK_TIMEOUT)
         self.supervisor.proxy().subscribe(listener).get(timeout=ASK_TIMEOUT)
         backends = tuple(Backend.start(config, i, listener) for i in range(len(config.backends)))
-        return _ListenerUnit.numbered(
+        return ListenerUnit.numbered(
             tuple(range(len(config.backends))),
             config=config, listener=listener, probe=probe, backends=backends,
             breaker=CircuitBreaker.start(config, listener, self._timers) if config.circuit_breaker.enabled else None,
@@ -309,7 +217,7 @@ class Runtime:
             self._closed = True
             try:
                 if self._alb is not None and self.supervisor.is_alive():
-                    names = [row["name"] for row in self.supervisor.proxy().list().get(timeout=ASK_TIMEOUT)]
+                    names = [info.name for info in self.supervisor.proxy().instances().get(timeout=ASK_TIMEOUT)]
                     try:
                         alb.deregister_and_wait(self._alb, names, limit=alb.SHUTDOWN_WAIT_MAX)
                     except (pykka.ActorDeadError, pykka.Timeout):
@@ -475,7 +383,7 @@ class Runtime:
         except (ValueError, OSError, RuntimeError) as exc:  # unreadable TLS files, geo_database...
             raise ConfigError(where, str(exc)) from None
 
-    def _swap_unit(self, unit: _ListenerUnit, config: ListenerConfig) -> _ListenerUnit:
+    def _swap_unit(self, unit: ListenerUnit, config: ListenerConfig) -> ListenerUnit:
         """Give listener `unit` a new config on the same socket (caller holds `self._lock`).
 
         Order matters: the loop swaps first (it may still refuse), then the actors that speak of
@@ -497,15 +405,15 @@ class Runtime:
         for ref in retired:
             if ref is not None:
                 ref.stop()
-        rows = listener.proxy().replace_pool(config).get(timeout=ASK_TIMEOUT)
-        seeded = [(row["instance"] is None or row["process"] == "online", row["healthy"]) for row in rows]
+        infos = listener.proxy().replace_pool(config).get(timeout=ASK_TIMEOUT)
+        seeded = [(info.instance is None or info.process == InstanceStatus.ONLINE, info.healthy) for info in infos]
         probe = HealthProbe.start(config, listener, self.supervisor, self._timers, seeded=seeded)
         listener.proxy().attach_probe(probe).get(timeout=ASK_TIMEOUT)
         backends = tuple(kept.get(i) or Backend.start(config, i, listener) for i in range(len(config.backends)))
         ratelimiter = unit.ratelimiter if same_limits else (
             RateLimiter.start(config.rate_limiting) if config.rate_limiting.enabled else None)
-        return _ListenerUnit.numbered(
-            tuple(row["id"] for row in rows),
+        return ListenerUnit.numbered(
+            tuple(info.id for info in infos),
             config=config, listener=listener, probe=probe, backends=backends,
             breaker=CircuitBreaker.start(config, listener, self._timers) if config.circuit_breaker.enabled else None,
             ratelimiter=ratelimiter,
@@ -514,7 +422,7 @@ class Runtime:
             alerter=unit.alerter if same_alerts else self._start_alerter(config),
         )
 
-    def _stop_unit(self, unit: _ListenerUnit) -> None:
+    def _stop_unit(self, unit: ListenerUnit) -> None:
         """A listener left the config: it stops accepting (requests in flight finish), its actors stop."""
         self._loop.remove_listener(unit.config.index)
         actors = (unit.probe, unit.breaker, unit.scorer, unit.ratelimiter, unit.alerter, *unit.backends, unit.listener)
@@ -558,12 +466,12 @@ class Runtime:
 
     def _instances(self, target: str) -> list[Instance]:
         """The instances `target` names (an app, an instance or "all"), in the supervisor's order."""
-        rows = self.supervisor.proxy().list().get(timeout=ASK_TIMEOUT)
+        infos = self.supervisor.proxy().instances().get(timeout=ASK_TIMEOUT)
         if target != "all":
-            rows = [r for r in rows if r["app"] == target] or [r for r in rows if r["name"] == target]
-            if not rows:
+            infos = [i for i in infos if i.app == target] or [i for i in infos if i.name == target]
+            if not infos:
                 raise UnknownTarget(f"no app or instance named {target!r}; `pmdaemon list` shows them")
-        return [Instance(r["name"], r["app"], r["port"], self._kill_timeout(r["name"])) for r in rows]
+        return [Instance(i.name, i.app, i.port, self._kill_timeout(i.name)) for i in infos]
 
     def _kill_timeout(self, name: str | None) -> float:
         """kill_timeout of an app, or of the app of an instance (`<app>-<i>`); the default for others."""
@@ -575,7 +483,7 @@ class Runtime:
                 for i, backend in enumerate(unit.config.backends) if backend.instance == name]
 
     @staticmethod
-    def _seat(unit: _ListenerUnit, position: int) -> Seat:
+    def _seat(unit: ListenerUnit, position: int) -> Seat:
         backend = unit.config.backends[position]
         return Seat(unit.config.index, unit.listener, position, unit.ids[position], backend.health_check,
                     backend.instance, unit.probe)
@@ -594,60 +502,11 @@ class Runtime:
                 raise RuntimeError("the daemon is shutting down")
             yield
 
-    # --- lb commands ---
+    # --- lb commands that change state (the queries: control/lbqueries.py) ---
 
     def listening_address(self, index: int) -> tuple:
         """Where listener `index` is bound (its port when the config said 0)."""
         return self._loop.listening_address(index)
-
-    def lb_status(self) -> list[dict]:
-        rows = []
-        rates = self._metrics.proxy().status_rates().get(timeout=ASK_TIMEOUT) if self._metrics else {}
-        for unit in self._units():
-            backends = self._backend_rows(unit)
-            rows.append({
-                "port": unit.config.port,
-                "host": unit.config.host,
-                "type": unit.config.type,
-                "strategy": unit.config.strategy,
-                "tls": unit.config.ssl.enabled,
-                "backends_up": sum(1 for b in backends if b["state"] == UP),
-                "backends_total": len(backends),
-                "active": sum(b["active"] for b in backends),
-                "requests_per_second": rates.get(unit.config.index, 0.0),
-            })
-            if unit.ratelimiter is not None:
-                rows[-1]["rate_limiting"] = unit.ratelimiter.proxy().status().get(timeout=ASK_TIMEOUT)
-        return rows
-
-    def lb_backends(self) -> list[dict]:
-        return [row for unit in self._units() for row in self._backend_rows(unit)]
-
-    def lb_health(self) -> list[dict]:
-        rows = []
-        for unit in self._units():
-            for row in unit.probe.proxy().status().get(timeout=ASK_TIMEOUT):
-                rows.append({"listener": unit.config.port, **row})
-        return rows
-
-    def lb_health_check_test(self) -> list[dict]:
-        """Every backend's check, run once now (concurrently); each row says `ok` and, if not, `error`."""
-        pending = []
-        for unit in self._units():
-            for row, future in unit.probe.proxy().check_now().get(timeout=ASK_TIMEOUT):
-                pending.append(({"listener": unit.config.port, **row}, future))
-        results = []
-        for row, future in pending:
-            error = future.result()
-            results.append({**row, "ok": error is None, "error": error})
-        return results
-
-    def lb_config(self) -> dict:
-        from pmdaemon.config.loader import effective_config
-
-        if self.config is None:
-            raise RuntimeError("no config has been applied yet; start one with `pmdaemon start <config>`")
-        return effective_config(self.config)
 
     def lb_drain(self, backend: str) -> dict:
         """Drain `backend` (host:port or instance name) in every listener whose pool holds it."""
@@ -656,76 +515,10 @@ class Runtime:
     def lb_enable(self, backend: str) -> dict:
         return self._set_draining(backend, drain=False)
 
-    def lb_stats(self) -> dict:
-        return self._metrics_proxy().stats().get(timeout=ASK_TIMEOUT)
-
-    def lb_traffic(self) -> list[dict]:
-        return self._metrics_proxy().traffic().get(timeout=ASK_TIMEOUT)
-
-    def lb_metrics(self, detailed: bool = False) -> str:
-        """Prometheus text, the same the /metrics endpoint serves."""
-        return self._metrics_proxy().render_prometheus(detailed).get(timeout=ASK_TIMEOUT)
-
-    def lb_metrics_samples(self, detailed: bool = False) -> list[dict]:
-        return self._metrics_proxy().samples(detailed).get(timeout=ASK_TIMEOUT)
-
-    def lb_export(self, kind: str) -> str:
-        """The listeners and their live pools (each Listener's latest snapshot) as nginx or HAProxy config."""
-        from datetime import datetime, timezone
-
-        from pmdaemon.control.export import render
-
-        units = self._units()
-        if not units or self.config is None:
-            raise RuntimeError("no load balancer is running: there is no pool to export "
-                               "(add a load_balancer block to the config)")
-        pools = {unit.config.index: unit.listener.proxy().snapshot().get(timeout=ASK_TIMEOUT).backends
-                 for unit in units}
-        return render(kind, [unit.config for unit in units], pools, self.config.source,
-                      datetime.now(timezone.utc))
-
-    def _metrics_proxy(self):
-        if self._metrics is None:
-            raise RuntimeError("no load balancer is running: metrics come from listeners "
-                               "(add a load_balancer block to the config)")
-        return self._metrics.proxy()
-
     # --- helpers ---
 
-    def _units(self) -> list[_ListenerUnit]:
+    def _units(self) -> list[ListenerUnit]:
         return list(self._fanout.units.values())
-
-    def _backend_rows(self, unit: _ListenerUnit) -> list[dict]:
-        rows = unit.listener.proxy().backends().get(timeout=ASK_TIMEOUT)
-        stats = pykka.get_all([ref.proxy().stats() for ref in unit.backends], timeout=ASK_TIMEOUT)
-        scores = unit.scorer.proxy().scores().get(timeout=ASK_TIMEOUT) if unit.scorer else None
-        merged = []
-        for i, (row, traffic) in enumerate(zip(rows, stats)):
-            state = row["state"]
-            merged.append({
-                "address": row["address"],
-                "instance": row["instance"],
-                "app": row["app"],
-                # cli.md: a tripped breaker shows as `open`, half-open (trial requests only) included.
-                "state": OPEN if state == HALF_OPEN else state,
-                "weight": row["weight"],
-                "active": traffic["active"],
-                "breaker": row["breaker"],
-                "listener": unit.config.port,
-                "process": row["process"],
-                "healthy": row["healthy"],
-                "region": row["region"],
-                "requests": traffic["requests"],
-                "errors": traffic["errors"],
-                "error_rate": traffic["error_rate"],
-                "latency_ewma_ms": None if traffic["latency_ewma"] is None else round(traffic["latency_ewma"] * 1000, 3),
-                "requests_per_second": traffic["requests_per_second"],
-            })
-            if scores is not None:
-                # performance_based: the score the weight is moving to, and what it was computed from.
-                merged[-1]["score"] = scores[i]["score"]
-                merged[-1]["performance"] = scores[i]["metrics"]
-        return merged
 
     def _set_draining(self, backend: str, drain: bool) -> dict:
         with self._lock:
@@ -740,14 +533,14 @@ class Runtime:
             for unit, indexes in targets:
                 proxy = unit.listener.proxy()
                 changed = (proxy.drain(indexes) if drain else proxy.enable(indexes)).get(timeout=ASK_TIMEOUT)
-                rows.extend({"listener": unit.config.port, "address": r["address"], "instance": r["instance"],
-                             "state": r["state"]} for r in changed)
+                rows.extend({"listener": unit.config.port, "address": info.address, "instance": info.instance,
+                             "state": info.state} for info in changed)
             result = {"backend": backend, "draining": drain, "backends": rows}
             if alb_targets:
                 result["alb_targets"] = alb_targets
             return result
 
-    def _resolve_backend(self, backend: str) -> list[tuple[_ListenerUnit, list[int]]]:
+    def _resolve_backend(self, backend: str) -> list[tuple[ListenerUnit, list[int]]]:
         wanted = backend.strip()
         if wanted.startswith("localhost:"):
             wanted = "127.0.0.1:" + wanted.split(":", 1)[1]

@@ -11,12 +11,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, TextIO
 
+from pmdaemon.states import AlertState, BackendState, BreakerState, InstanceStatus
+
 _RESET = "\x1b[0m"
+# Besides the states: the check results "pass", "fail" and "failed", and half_open spelt "half-open".
 _STATE_COLOURS = {
-    "\x1b[32m": ("online", "up", "ok", "closed", "pass"),  # green
-    "\x1b[33m": ("launching", "stopping", "waiting restart", "draining", "half_open", "half-open"),  # yellow
-    "\x1b[31m": ("errored", "down", "open", "fail", "failed"),  # red
-    "\x1b[2m": ("stopped",),  # dim
+    "\x1b[32m": (InstanceStatus.ONLINE, BackendState.UP, AlertState.OK, BreakerState.CLOSED, "pass"),  # green
+    "\x1b[33m": (InstanceStatus.LAUNCHING, InstanceStatus.STOPPING, InstanceStatus.WAITING_RESTART,
+                 BackendState.DRAINING, BackendState.HALF_OPEN, "half-open"),  # yellow
+    "\x1b[31m": (InstanceStatus.ERRORED, BackendState.DOWN, BackendState.OPEN, "fail", "failed"),  # red
+    "\x1b[2m": (InstanceStatus.STOPPED,),  # dim
 }
 STATE_COLOUR = {state: code for code, states in _STATE_COLOURS.items() for state in states}
 
