@@ -12,7 +12,8 @@ import threading
 
 from pmdaemon.config.model import BackendConfig, ListenerConfig
 from pmdaemon.net.loop import IOLoop
-from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot
+from pmdaemon.states import BackendState
 
 
 def serve(backends_variable: str, port_variable: str, default_port: str, **listener_options) -> None:
@@ -23,7 +24,7 @@ def serve(backends_variable: str, port_variable: str, default_port: str, **liste
     loop = IOLoop(lambda report: None)
     loop.add_listener(ListenerConfig(index=0, host="127.0.0.1", port=int(os.environ.get(port_variable, default_port)),
                                      backends=backends, **listener_options))
-    loop.publish(PoolSnapshot(0, 1, tuple(BackendView(i, b.host, b.port, None, 1, UP)
+    loop.publish(PoolSnapshot(0, 1, tuple(BackendView(i, b.host, b.port, None, 1, BackendState.UP)
                                           for i, b in enumerate(backends))))
     signal.signal(signal.SIGTERM, lambda *_: loop.stop())
     signal.signal(signal.SIGINT, lambda *_: loop.stop())
