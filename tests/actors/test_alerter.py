@@ -1,4 +1,4 @@
-"""Alert rules: the per-rule state machine (pure) and the Alerter delivering to real HTTP and SMTP servers."""
+"""The Alerter delivering alerts to real HTTP and SMTP servers (its rule state machine: tests/unit/test_alert_rules.py)."""
 import email
 import email.policy
 import json
@@ -12,68 +12,28 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pykka
 import pytest
+from support.alerts import rule
+from support.ports import free_port
 
 from pmdaemon.actors.alerter import (
     FIRING,
-    RESOLVED,
     Alerter,
     DeliveryPolicy,
     Notification,
     PermanentFailure,
-    RuleTracker,
     send_email,
     values_from,
 )
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.config.model import AlertRule, AlertsConfig, BackendConfig, ListenerConfig, SmtpConfig
-from quietports import quiet_port as free_port
 
 FAST = DeliveryPolicy(timeout=5.0, attempts=3, retry_delay=0.05)
-
-
-def rule(name="backend_down", condition="healthy_backends < 2", metric="healthy_backends", op="<",
-         threshold=2.0, duration=1.0, action="webhook", url=None, recipients=()) -> AlertRule:
-    return AlertRule(name, condition, metric, op, threshold, duration, action, url, recipients)
 
 
 def listener(*rules: AlertRule, smtp: SmtpConfig = SmtpConfig(), port=18080) -> ListenerConfig:
     backends = tuple(BackendConfig("127.0.0.1", port + i, instance=f"web-{i}") for i in (1, 2, 3))
     return ListenerConfig(index=0, port=port, backends=backends,
                           alerts=AlertsConfig(enabled=True, rules=rules, smtp=smtp))
-
-
-# ---------------------------------------------------------------- state machine
-
-
-def test_rule_fires_only_after_holding_for_its_duration():
-    t = RuleTracker(rule(duration=5.0))
-    assert t.observe(1, now=0.0, wall=1000.0) is None and t.state == "pending"
-    assert t.observe(1, now=4.9, wall=1004.9) is None
-    assert t.observe(1, now=5.0, wall=1005.0) == FIRING
-    assert t.since == 1000.0  # when the condition started to hold
-
-
-def test_firing_and_resolved_are_reported_once_each():
-    t = RuleTracker(rule(duration=0.0))
-    events = [t.observe(v, now=float(i), wall=float(i)) for i, v in enumerate([1, 1, 1, 3, 3, 1])]
-    assert events == [FIRING, None, None, RESOLVED, None, FIRING]
-
-
-def test_a_dip_restarts_the_duration():
-    t = RuleTracker(rule(duration=2.0))
-    t.observe(1, now=0.0, wall=0.0)
-    t.observe(5, now=1.5, wall=1.5)  # recovered before firing: nothing sent
-    assert t.state == "ok"
-    assert t.observe(1, now=2.0, wall=2.0) is None
-    assert t.observe(1, now=3.9, wall=3.9) is None
-    assert t.observe(1, now=4.0, wall=4.0) == FIRING
-
-
-@pytest.mark.parametrize("op,value,fires", [(">", 5.1, True), (">", 5.0, False), (">=", 5.0, True),
-                                             ("<=", 5.0, True), ("==", 5.0, True), ("!=", 5.0, False)])
-def test_operators(op, value, fires):
-    t = RuleTracker(rule(metric="error_rate", op=op, threshold=5.0, duration=0.0))
-    assert (t.observe(value, now=0.0, wall=0.0) == FIRING) is fires
 
 
 # ---------------------------------------------------------------- real servers

@@ -4,12 +4,13 @@ from __future__ import annotations
 import time
 
 import pytest
+from support.actorpool import Pool
+from support.ports import free_port
+from support.tinybackend import TinyBackend
+from support.wait import wait_until
 
 from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
 from pmdaemon.net.snapshot import DOWN, UP
-from actorpool import Pool
-from conftest import free_port, wait_until
-from tinybackend import TinyBackend
 
 
 @pytest.fixture

@@ -8,13 +8,14 @@ from __future__ import annotations
 import time
 
 import pytest
+from support.actorpool import Pool
+from support.ports import free_port
+from support.tinybackend import TinyBackend
+from support.wait import wait_until
 
 from pmdaemon.actors.messages import BreakerEvent, Eject, InstanceEvent
 from pmdaemon.config.model import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
 from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP
-from actorpool import Pool
-from conftest import free_port, wait_until
-from tinybackend import TinyBackend
 
 CHECK = HealthCheckConfig(interval=0.2, timeout=1.0, failure_threshold=2)
 

@@ -5,14 +5,11 @@ import socket
 import pykka
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.ports import free_port
 
-from pmdaemon.net.snapshot import LoopReport
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.config.model import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
-from pmdaemon.net.snapshot import Outcome
-from quietports import quiet_port as free_port
-
-
+from pmdaemon.net.snapshot import LoopReport, Outcome
 
 
 def get(port: int, path: str) -> tuple[int, str, str]:

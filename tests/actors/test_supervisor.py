@@ -21,16 +21,13 @@ from pathlib import Path
 import psutil
 import pykka
 import pytest
+from support.paths import EXAMPLE_APPS, REPO, SERVER_APP, TEST_APPS
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
 from pmdaemon.actors.messages import InstanceEvent
 from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
-from conftest import free_port, free_port_range, wait_until
-from pmdaemon.config.model import AppConfig
-from pmdaemon.config.model import instance_spec
-
-REPO = Path(__file__).resolve().parent.parent
-SERVER = REPO / "examples" / "apps" / "server.py"
-TEST_APPS = Path(__file__).resolve().parent / "apps"
+from pmdaemon.config.model import AppConfig, instance_spec
 
 
 def app_config(name: str, script: Path, instances: int = 1, port: int | None = None, env: dict | None = None,
@@ -145,7 +142,7 @@ def test_instances_get_consecutive_ports_instance_ids_env_args_and_cwd(superviso
 
 def test_http_instances_answer_on_their_ports(supervisor):
     base = free_port_range(2)
-    supervisor.start_app(app_config("web", SERVER, instances=2, port=base)).get()
+    supervisor.start_app(app_config("web", SERVER_APP, instances=2, port=base)).get()
     for i in range(2):
         wait_until(lambda: answers(base + i), message=f"web-{i} listening")
         status, headers, body = get(base + i, "/who")
@@ -156,7 +153,7 @@ def test_http_instances_answer_on_their_ports(supervisor):
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_a_node_app_runs_under_its_interpreter(supervisor):
     port = free_port()
-    app = replace(app_config("js", REPO / "examples" / "apps" / "server.js", port=port), interpreter=("node",))
+    app = replace(app_config("js", EXAMPLE_APPS / "server.js", port=port), interpreter=("node",))
     supervisor.start_app(replace(app, instance_specs=(instance_spec(app, 0),))).get()
     wait_until(lambda: answers(port), message="the node server listening")
     assert get(port)[1]["X-Backend"] == str(port)
@@ -164,7 +161,7 @@ def test_a_node_app_runs_under_its_interpreter(supervisor):
 
 def test_kill_9_is_back_online_within_a_second_with_the_restart_counted(supervisor):
     port = free_port()
-    supervisor.start_app(app_config("web", SERVER, port=port, min_uptime=1.0)).get()
+    supervisor.start_app(app_config("web", SERVER_APP, port=port, min_uptime=1.0)).get()
     wait_until(lambda: answers(port), message="web listening")
     old_pid = row(supervisor, "web-0")["pid"]
     os.kill(old_pid, signal.SIGKILL)
@@ -269,7 +266,7 @@ def test_delete_removes_the_instances_and_tells_subscribers(supervisor, tmp_path
 def test_stop_all_waits_until_every_process_is_gone(supervisor, tmp_path):
     processes = family(supervisor, tmp_path, env={"IGNORE_TERM": "1"}, kill_timeout=0.3)
     port = free_port()
-    supervisor.start_app(app_config("web", SERVER, port=port)).get()
+    supervisor.start_app(app_config("web", SERVER_APP, port=port)).get()
     web = psutil.Process(row(supervisor, "web-0")["pid"])
     supervisor.stop_all().get()
     assert gone(processes + [web])
@@ -299,7 +296,7 @@ def test_stopping_the_actor_stops_its_processes(home, tmp_path):
 def test_restart_spawns_a_new_process_and_counts_it(supervisor):
     recorder = Recorder.start()
     port = free_port()
-    supervisor.start_app(app_config("web", SERVER, port=port)).get()
+    supervisor.start_app(app_config("web", SERVER_APP, port=port)).get()
     supervisor.subscribe(recorder).get()
     old = psutil.Process(row(supervisor, "web-0")["pid"])
     assert supervisor.restart("web").get() == ["web-0"]
@@ -313,7 +310,7 @@ def test_restart_spawns_a_new_process_and_counts_it(supervisor):
 def test_a_port_in_use_is_errored_clearly_without_a_restart_loop(supervisor, home):
     with socket.create_server(("127.0.0.1", 0)) as squatter:
         port = squatter.getsockname()[1]
-        assert supervisor.start_app(app_config("web", SERVER, port=port)).get() == ["web-0"]
+        assert supervisor.start_app(app_config("web", SERVER_APP, port=port)).get() == ["web-0"]
         errored = row(supervisor, "web-0")
         assert errored["status"] == "errored" and errored["pid"] is None and errored["restarts"] == 0
         assert f"port {port} is already in use" in errored["error"]
@@ -326,7 +323,7 @@ def test_a_port_in_use_is_errored_clearly_without_a_restart_loop(supervisor, hom
 
 
 def test_a_missing_interpreter_is_errored_clearly(supervisor):
-    app = replace(app_config("ghost", SERVER), interpreter=("/nonexistent/python3",))
+    app = replace(app_config("ghost", SERVER_APP), interpreter=("/nonexistent/python3",))
     app = replace(app, instance_specs=(instance_spec(app, 0),))
     supervisor.start_app(app).get()
     errored = row(supervisor, "ghost-0")
@@ -344,7 +341,7 @@ def test_scale_adds_the_next_ports_and_removes_the_highest_numbered_first(superv
     base = free_port_range(3)
     recorder = Recorder.start()
     supervisor.subscribe(recorder).get()
-    supervisor.start_app(app_config("web", SERVER, port=base)).get()
+    supervisor.start_app(app_config("web", SERVER_APP, port=base)).get()
     assert supervisor.scale("web", 3).get() == {"app": "web", "instances": 3, "added": ["web-1", "web-2"],
                                                  "removed": []}
     for i in (1, 2):
@@ -361,7 +358,7 @@ def test_scale_adds_the_next_ports_and_removes_the_highest_numbered_first(superv
 
 def test_subscribe_tells_the_current_state_at_once(supervisor):
     base = free_port_range(2)
-    supervisor.start_app(app_config("web", SERVER, instances=2, port=base)).get()
+    supervisor.start_app(app_config("web", SERVER_APP, instances=2, port=base)).get()
     recorder = Recorder.start()
     supervisor.subscribe(recorder).get()
     events = wait_until(lambda: len(seen := recorder.proxy().seen().get()) == 2 and seen, message="two events")
@@ -387,7 +384,7 @@ def test_unknown_targets_are_refused(supervisor):
 
 def test_starting_a_running_app_leaves_it_alone(supervisor):
     port = free_port()
-    app = app_config("web", SERVER, port=port)
+    app = app_config("web", SERVER_APP, port=port)
     supervisor.start_app(app).get()
     pid = row(supervisor, "web-0")["pid"]
     assert supervisor.start_app(app).get() == []

@@ -19,8 +19,9 @@ import uuid
 
 import psutil
 import pytest
-
-from conftest import free_port, free_port_range, http_app_config, wait_until, write_config
+from support.configs import alb_app, write_config
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
 boto3 = pytest.importorskip("boto3", reason="boto3 is not installed (pip install 'pmdaemon[aws-test]')")
 moto_server = pytest.importorskip("moto.server",
@@ -28,8 +29,8 @@ moto_server = pytest.importorskip("moto.server",
 moto_elbv2 = pytest.importorskip("moto.elbv2.models")
 
 from pmdaemon.actors.alb import ENDPOINT_ENV, default_target_id  # noqa: E402
+from pmdaemon.config.loader import load_config  # noqa: E402
 from pmdaemon.control.runtime import Runtime  # noqa: E402
-from pmdaemon.config.loader import ConfigError, load_config  # noqa: E402
 
 REGION = "us-east-1"
 DUMMY_AWS_ENV = {
@@ -115,12 +116,6 @@ def aws(monkeypatch):
         yield FakeAws(url)
     finally:
         server.stop()
-
-
-def alb_app(script, base_port: int, arn: str, instances: int = 1, **alb) -> dict:
-    return http_app_config(script, "web", instances, base_port, aws={"alb": {
-        "target_group_arn": arn, "health_check_path": "/health", "deregistration_delay": 5,
-        "target_id": "127.0.0.1", **alb}})
 
 
 def _alive(pid: int) -> bool:
@@ -278,17 +273,6 @@ def test_missing_boto3_is_a_clear_error_and_starts_nothing(runtime, tmp_path, ap
     with pytest.raises(RuntimeError, match=r"apps\[0\]\.aws\.alb: .*pip install 'pmdaemon\[aws\]'"):
         runtime.apply(config)
     assert runtime.supervisor.proxy().list().get(timeout=10) == []
-
-
-def test_config_checks_endpoint_url_and_target_id(tmp_path, app_script):
-    arn = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/web/73e2d6bc24d8a067"
-    for key, value in (("endpoint_url", "localhost:5000"), ("target_id", "my-host")):
-        with pytest.raises(ConfigError) as caught:
-            load_config(str(write_config(tmp_path, {"apps": [alb_app(app_script, 3000, arn, **{key: value})]})))
-        assert caught.value.path == f"apps[0].aws.alb.{key}"
-    config = load_config(str(write_config(tmp_path, {"apps": [alb_app(
-        app_script, 3000, arn, target_id="i-0123456789abcdef0", endpoint_url="http://127.0.0.1:4566")]})))
-    assert config.apps[0].aws_alb["target_id"] == "i-0123456789abcdef0"
 
 
 def test_default_target_id_is_an_ipv4_address_of_this_host():

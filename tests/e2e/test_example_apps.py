@@ -11,13 +11,11 @@ import subprocess
 import sys
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
-
-from conftest import free_port, wait_until
-
-APPS = Path(__file__).resolve().parent.parent / "examples" / "apps"
+from support.paths import EXAMPLE_APPS
+from support.ports import free_port
+from support.wait import wait_until
 
 
 @contextmanager
@@ -51,7 +49,7 @@ def request(connection: http.client.HTTPConnection, method: str, path: str, body
 
 def test_server_py_routes_on_one_keep_alive_connection(tmp_path):
     flag = tmp_path / "fail-health"
-    with running([sys.executable, str(APPS / "server.py")], PM2_INSTANCE_ID=3, FAIL_HEALTH_FILE=flag) as port:
+    with running([sys.executable, str(EXAMPLE_APPS / "server.py")], PM2_INSTANCE_ID=3, FAIL_HEALTH_FILE=flag) as port:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         status, response, body = request(connection, "GET", "/anything")
         assert (status, body) == (200, f"instance 3 port {port}\n".encode())
@@ -76,7 +74,7 @@ def test_server_py_routes_on_one_keep_alive_connection(tmp_path):
 
 
 def test_server_py_delay_ms_slows_every_request():
-    with running([sys.executable, str(APPS / "server.py")], DELAY_MS=150) as port:
+    with running([sys.executable, str(EXAMPLE_APPS / "server.py")], DELAY_MS=150) as port:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=0.05)
         connection.request("GET", "/")
         with pytest.raises(TimeoutError):
@@ -86,7 +84,7 @@ def test_server_py_delay_ms_slows_every_request():
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 def test_server_js_answers_health_and_names_its_port():
-    with running(["node", str(APPS / "server.js")], PM2_INSTANCE_ID=1) as port:
+    with running(["node", str(EXAMPLE_APPS / "server.js")], PM2_INSTANCE_ID=1) as port:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         assert request(connection, "GET", "/health")[::2] == (200, b"ok\n")
         status, response, body = request(connection, "POST", "/x", b"ignored body")
@@ -103,7 +101,7 @@ def read_all(sock: socket.socket) -> bytes:
 
 
 def test_tcp_echo_echoes_answers_who_and_finishes_after_a_half_close():
-    with running([sys.executable, str(APPS / "tcp_echo.py")]) as port:
+    with running([sys.executable, str(EXAMPLE_APPS / "tcp_echo.py")]) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"hello\nWHO\n")
             assert read_exactly(sock, 6 + len(str(port)) + 1) == f"hello\n{port}\n".encode()

@@ -14,8 +14,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
+from support.configs import http_app_config, write_config
+from support.paths import REPO
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
 EAST, WEST, EU = "us-east-1", "us-west-1", "eu-west-1"
 EAST_CLIENT, EU_CLIENT, UNKNOWN_CLIENT, PROXY, UNTRUSTED = "127.0.0.2", "127.0.0.3", "127.0.0.1", "127.0.0.4", "127.0.0.5"

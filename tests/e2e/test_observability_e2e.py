@@ -29,9 +29,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from conftest import (CLI, REPO, ForegroundDaemon, PmdaemonRunner, free_port, free_port_range, http_app_config,
-                      wait_until, write_config)
+from support.configs import http_app_config, write_config
+from support.daemon import CLI, ForegroundDaemon, PmdaemonRunner
+from support.paths import REPO
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
 SMTP_PASSWORD = "observability-secret-8c1f"  # only ever in the daemon's environment
 APP_SECRET = "token-value-3e57"  # an app env value whose name looks secret

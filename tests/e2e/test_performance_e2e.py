@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from support.configs import http_app_config, write_config
+from support.paths import REPO, TEST_APPS
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
-from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
-
-SWITCHABLE = Path(__file__).resolve().parent / "apps" / "switchable.py"
+SWITCHABLE = TEST_APPS / "switchable.py"
 INSTANCES = 3
 FAIR = 1 / INSTANCES
 

@@ -1,7 +1,8 @@
 """`pmdaemon reload --config` and SIGHUP: a changed config applied in place, with traffic flowing.
 
-From the plan (config/diff.py, pure) through the Listener actor's pool replacement to the whole
-daemon: real instances, real listeners, real clients (tests/loadclient.py), the CLI and signals.
+The whole daemon: real instances, real listeners, real clients (tests/support/loadclient.py), the
+CLI and signals. The plan (config/diff.py, pure) is tested in tests/unit/test_config_diff.py, the
+Listener actor's pool replacement in tests/actors/test_replace_pool.py.
 """
 from __future__ import annotations
 
@@ -10,103 +11,19 @@ import signal
 import socket
 import ssl
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import trustme
+from support.configs import http_app_config, write_config
+from support.loadclient import LoadClient
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
-from actorpool import Pool
-from pmdaemon.actors.health import HealthProbe
-from pmdaemon.actors.messages import InstanceEvent
-from pmdaemon.control.runtime import Runtime
-from conftest import http_app_config, wait_until, write_config
-from loadclient import LoadClient
-from pmdaemon.config.model import AppConfig, BackendConfig, HealthCheckConfig, ListenerConfig
-from pmdaemon.config.diff import dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool
 from pmdaemon.config.loader import ConfigError, parse_config
-from pmdaemon.net.snapshot import DOWN, DRAINING, UP
-from quietports import quiet_port, quiet_port_range
-from tinybackend import TinyBackend
+from pmdaemon.control.runtime import Runtime
 
 HEALTH = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout": 1, "failure_threshold": 2}
-CHECK = HealthCheckConfig(interval=0.2, timeout=1.0, failure_threshold=2)
-
-
-# -- the plan ---------------------------------------------------------------------------------------
-
-
-def test_listeners_are_matched_by_port_and_indexes_are_never_reused():
-    running = (ListenerConfig(index=0, port=8080), ListenerConfig(index=1, port=8081, type="tcp"),
-               ListenerConfig(index=2, port=8082))
-    new = (ListenerConfig(index=0, port=8081, type="tcp", strategy="ip_hash"), ListenerConfig(index=1, port=9000),
-           ListenerConfig(index=2, port=8082, type="tcp"))
-    plan = plan_listeners(running, new, next_index=3)
-    assert [(old.index, n.index, n.strategy) for old, n in plan.kept] == [(1, 1, "ip_hash")]
-    assert [(old.index, n.index) for old, n in plan.rebound] == [(2, 4)]  # http -> tcp: a socket of its own
-    assert [(l.port, l.index) for l in plan.added] == [(9000, 3)]
-    assert [l.port for l in plan.removed] == [8080]
-    assert [(l.port, l.index) for l in plan.listeners] == [(8081, 1), (9000, 3), (8082, 4)]
-
-
-def test_apps_restart_only_when_their_processes_would_start_differently():
-    web = AppConfig(name="web", script="/srv/web.py", env={"PORT": "3000"}, instances=2)
-    api = AppConfig(name="api", script="/srv/api.py")
-    old = (web, api, AppConfig(name="gone", script="/srv/gone.py"))
-    new = (replace(web, env={"PORT": "3000", "MODE": "blue"}), replace(api, instances=3, weight=2),
-           AppConfig(name="fresh", script="/srv/fresh.py"))
-    plan = plan_apps(old, new)
-    assert [a.name for a in plan.restarted] == ["web"]
-    assert [a.name for a in plan.updated] == ["api"]  # a count or a weight: no restart
-    assert [a.name for a in plan.added] == ["fresh"] and plan.removed == ("gone",)
-    assert plan_apps(old, old).unchanged == ("web", "api", "gone")
-
-
-def test_pool_helpers():
-    def backend(app: str, i: int, port: int) -> BackendConfig:
-        return BackendConfig("127.0.0.1", port, instance=f"{app}-{i}", app=app, weight=3)
-
-    listener = ListenerConfig(index=0, backends=(backend("api", 0, 4000), backend("web", 0, 3000),
-                                                 backend("web", 1, 3001), backend("db", 0, 5000)))
-    assert follows_app(listener, "web", ["web-0", "web-1"]) and not follows_app(listener, "web", ["web-0", "web-2"])
-    grown = scaled_pool(listener, "web", [("web-0", 3000), ("web-1", 3001), ("web-2", 3002)], listener.backends[1])
-    assert [b.instance for b in grown.backends] == ["api-0", "web-0", "web-1", "web-2", "db-0"]
-    assert grown.backends[3].weight == 3 and grown.backends[3].port == 3002
-    shrunk = scaled_pool(listener, "web", [("web-0", 3000)], listener.backends[1])
-    assert [b.instance for b in shrunk.backends] == ["api-0", "web-0", "db-0"]
-    assert dropped_backends(listener, shrunk) == [2] and dropped_backends(listener, None) == [0, 1, 2, 3]
-
-
-# -- the Listener actor's pool replacement ----------------------------------------------------------
-
-
-def test_a_replaced_pool_keeps_what_it_knew_of_each_backend_and_its_id():
-    servers = [TinyBackend(f"web-{i}") for i in range(3)]
-    backends = [BackendConfig("127.0.0.1", s.port, instance=f"web-{i}", app="web", health_check=CHECK)
-                for i, s in enumerate(servers)]
-    pool = Pool(ListenerConfig(index=0, port=quiet_port(), backends=tuple(backends[:2])))
-    try:
-        for name in ("web-0", "web-1", "web-2"):  # web-2 runs, but is in no pool yet
-            pool.listener.tell(InstanceEvent(name, "web", "online", None, None))
-        wait_until(lambda: pool.states() == [UP, UP], message="both up")
-        pool.listener.proxy().drain([1]).get()
-
-        pool.probe.stop()
-        config = ListenerConfig(index=0, port=quiet_port(), backends=(backends[1], backends[2]))
-        rows = pool.listener.proxy().replace_pool(config).get()
-        assert [(b.index, b.port, b.state) for b in pool.snapshots[-1].backends] == \
-            [(1, servers[1].port, DRAINING), (2, servers[2].port, DOWN)]  # web-1 keeps id 1; web-2 a new id
-        seeded = [(row["process"] == "online", row["healthy"]) for row in rows]
-        assert seeded == [(True, True), (True, False)]
-        pool.probe = HealthProbe.start(config, pool.listener, None, pool.timers, seeded=seeded)
-        pool.listener.proxy().attach_probe(pool.probe).get()
-        wait_until(lambda: pool.states() == [DRAINING, UP], message="web-2 up after its first check")
-        servers[1].health_status = 503  # the seeded probe knows web-1 was up: failing checks take it down
-        wait_until(lambda: pool.states() == [DOWN, UP], message="web-1 down")
-    finally:
-        pool.close()
-        for server in servers:
-            server.close()
 
 
 # -- in place, with traffic -------------------------------------------------------------------------
@@ -121,8 +38,8 @@ def runtime(tmp_path):
 
 def two_apps(app_script: Path, lb_port: int) -> dict:
     """web (3 instances) behind a round robin listener; api (2) defined but in no pool."""
-    web = http_app_config(app_script, "web", 3, quiet_port_range(3), health_check=HEALTH)
-    api = http_app_config(app_script, "api", 2, quiet_port_range(2), health_check=HEALTH)
+    web = http_app_config(app_script, "web", 3, free_port_range(3), health_check=HEALTH)
+    api = http_app_config(app_script, "api", 2, free_port_range(2), health_check=HEALTH)
     return {"apps": [web, api], "load_balancer": {"host": "127.0.0.1", "port": lb_port, "apps": ["web"]}}
 
 
@@ -140,7 +57,7 @@ def pids(runtime: Runtime) -> dict[str, int]:
 
 
 def test_strategy_change_and_a_new_app_in_the_pool_without_a_failed_request(tmp_path, app_script, runtime):
-    lb_port = quiet_port()
+    lb_port = free_port()
     data = two_apps(app_script, lb_port)
     runtime.apply(load(runtime, tmp_path, data))
     up(runtime, 3)
@@ -173,7 +90,7 @@ def test_strategy_change_and_a_new_app_in_the_pool_without_a_failed_request(tmp_
 
 
 def test_removed_changed_and_rescaled_apps(tmp_path, app_script, runtime):
-    lb_port = quiet_port()
+    lb_port = free_port()
     data = two_apps(app_script, lb_port)
     data["load_balancer"]["apps"] = ["web", "api"]
     runtime.apply(load(runtime, tmp_path, data))
@@ -197,7 +114,7 @@ def test_removed_changed_and_rescaled_apps(tmp_path, app_script, runtime):
 
 
 def test_listeners_added_and_removed(tmp_path, app_script, runtime):
-    first, second = quiet_port(), quiet_port()
+    first, second = free_port(), free_port()
     data = two_apps(app_script, first)
     runtime.apply(load(runtime, tmp_path, data))
     up(runtime, 3)
@@ -219,7 +136,7 @@ def test_listeners_added_and_removed(tmp_path, app_script, runtime):
 
 
 def test_an_invalid_config_is_refused_whole_and_traffic_goes_on(tmp_path, app_script, runtime):
-    lb_port = quiet_port()
+    lb_port = free_port()
     data = two_apps(app_script, lb_port)
     runtime.apply(load(runtime, tmp_path, data))
     up(runtime, 3)
@@ -233,7 +150,7 @@ def test_an_invalid_config_is_refused_whole_and_traffic_goes_on(tmp_path, app_sc
         taken.listen()
         busy = {**data, "load_balancer": [data["load_balancer"], {"host": "127.0.0.1", "apps": ["api"],
                                                                   "port": taken.getsockname()[1]}]}
-        busy["apps"] = data["apps"] + [http_app_config(app_script, "extra", 1, quiet_port())]
+        busy["apps"] = data["apps"] + [http_app_config(app_script, "extra", 1, free_port())]
         with LoadClient(lb_port) as traffic:
             traffic.wait_for(10)
             with pytest.raises(ConfigError, match=r"^load_balancer: .*regions.mmdb"):
@@ -248,7 +165,7 @@ def test_an_invalid_config_is_refused_whole_and_traffic_goes_on(tmp_path, app_sc
 
 
 def test_certificates_are_read_again(tmp_path, app_script, runtime):
-    lb_port = quiet_port()
+    lb_port = free_port()
     cert, key = tmp_path / "server.crt", tmp_path / "server.key"
 
     def issue() -> trustme.CA:
@@ -291,7 +208,7 @@ def test_certificates_are_read_again(tmp_path, app_script, runtime):
 
 @pytest.mark.timeout(90)
 def test_cli_reload_config_under_load_and_an_invalid_one_exits_2(pmdaemon, tmp_path, app_script):
-    lb_port = quiet_port()
+    lb_port = free_port()
     data = two_apps(app_script, lb_port)
     config = write_config(tmp_path, data)
     assert pmdaemon("start", config).returncode == 0
@@ -318,7 +235,7 @@ def test_cli_reload_config_under_load_and_an_invalid_one_exits_2(pmdaemon, tmp_p
 
 @pytest.mark.timeout(90)
 def test_sighup_reloads_the_config_file(foreground_daemon, pmdaemon, tmp_path, app_script):
-    lb_port = quiet_port()
+    lb_port = free_port()
     data = two_apps(app_script, lb_port)
     config = write_config(tmp_path, data)
     daemon = foreground_daemon(config)

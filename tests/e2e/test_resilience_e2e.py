@@ -22,13 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from support.configs import http_app_config, write_config
+from support.paths import REPO, TCP_ECHO_APP, TEST_APPS
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
-from conftest import REPO, http_app_config, wait_until, write_config
-from quietports import quiet_port, quiet_port_range
 from pmdaemon.control.protocol import ControlClient
 
-SWITCHABLE = Path(__file__).resolve().parent / "apps" / "switchable.py"
-TCP_ECHO = REPO / "examples" / "apps" / "tcp_echo.py"
+SWITCHABLE = TEST_APPS / "switchable.py"
 CLIENT_A, CLIENT_B = "127.0.0.2", "127.0.0.3"  # two client addresses on the loopback network
 
 
@@ -37,7 +38,7 @@ CLIENT_A, CLIENT_B = "127.0.0.2", "127.0.0.3"  # two client addresses on the loo
 def app_config(name: str, instances: int, *, health: dict | None = None, balancing: dict | None = None,
                env: dict | None = None) -> tuple[dict, int]:
     """A switchable app on free consecutive ports; `health` is its health_check block (GET /health)."""
-    base = quiet_port_range(instances)
+    base = free_port_range(instances)
     app = http_app_config(SWITCHABLE, name, instances, base)
     app["env"].update(env or {})
     if health is not None:
@@ -49,7 +50,7 @@ def app_config(name: str, instances: int, *, health: dict | None = None, balanci
 
 def balanced(tmp_path: Path, apps: list[dict], **listener) -> tuple[Path, int]:
     """A config with `apps` behind one HTTP listener on a free port."""
-    lb_port = quiet_port()
+    lb_port = free_port()
     balancer = {"port": lb_port, "host": "127.0.0.1", "apps": [app["name"] for app in apps], **listener}
     return write_config(tmp_path, {"apps": apps, "load_balancer": balancer}), lb_port
 
@@ -272,7 +273,7 @@ def test_kill_9_of_an_instance_under_load_fails_no_request_and_its_replacement_w
 
 @pytest.mark.timeout(60)
 def test_a_starting_instance_gets_no_traffic_before_its_first_passing_check(tmp_path, foreground_daemon, pmdaemon):
-    base = quiet_port_range(2)
+    base = free_port_range(2)
     app = http_app_config(SWITCHABLE, "web", 1, base)
     app["env"]["HEALTHY_AFTER_MS"] = 1500
     app["health_check"] = {"url": "http://localhost:{{PORT}}/health", "timeout": 1, "interval": 0.2,
@@ -635,8 +636,8 @@ def tcp_exchange(port: int, source: str) -> bytes:
 @pytest.mark.timeout(60)
 def test_a_tcp_listener_refuses_new_connections_over_the_rate_limit(tmp_path, foreground_daemon, pmdaemon):
     per_ip = 2
-    base = quiet_port_range(2)
-    app = {"name": "echo", "script": str(TCP_ECHO), "instances": 2, "increment_var": "PORT",
+    base = free_port_range(2)
+    app = {"name": "echo", "script": str(TCP_ECHO_APP), "instances": 2, "increment_var": "PORT",
            "env": {"PORT": base}, "min_uptime": 200, "kill_timeout": 1000}
     config, lb_port = balanced(tmp_path, [app], type="tcp", rate_limiting={
         "enabled": True, "requests_per_second": 1000, "burst_size": 1000, "per_ip_limit": per_ip})
@@ -658,8 +659,8 @@ def example_on_free_ports(tmp_path: Path, name: str) -> tuple[Path, dict, int, i
     data = json.loads((REPO / "examples" / name).read_text())
     app = data["apps"][0]
     old_base = app["env"]["PORT"]
-    base = app["env"]["PORT"] = quiet_port_range(app["instances"])
-    lb_port = quiet_port()
+    base = app["env"]["PORT"] = free_port_range(app["instances"])
+    lb_port = free_port()
     balancer = data.setdefault("load_balancer", {})
     balancer.update(port=lb_port, host="127.0.0.1")
     if "backend_ports" in balancer:

@@ -8,10 +8,13 @@ import threading
 from pathlib import Path
 
 import pytest
+from support.configs import http_app_config
+from support.paths import TCP_ECHO_APP
+from support.ports import free_port, free_port_range
+from support.processes import descendants
+from support.wait import wait_until
 
-from conftest import descendants, free_port, free_port_range, http_app_config, wait_until
 from pmdaemon.config.loader import parse_config
-
 from pmdaemon.control.runtime import Runtime
 
 
@@ -197,7 +200,7 @@ def test_health_aware_ejects_a_failing_backend_for_the_quarantine(tmp_path, app_
 
 def test_a_tcp_listener_balances_connections_over_connect_probed_backends(tmp_path, runtime):
     lb_port, base = free_port(), free_port_range(2)
-    app = http_app_config(Path(__file__).parent.parent / "examples" / "apps" / "tcp_echo.py", "echo", 2, base)
+    app = http_app_config(TCP_ECHO_APP, "echo", 2, base)
     data = {"apps": [app], "load_balancer": {"type": "tcp", "port": lb_port, "host": "127.0.0.1", "apps": ["echo"]}}
     runtime.apply(config(tmp_path, data))
     wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")

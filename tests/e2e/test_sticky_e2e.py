@@ -14,8 +14,10 @@ import ssl
 from pathlib import Path
 
 import trustme
-
-from conftest import REPO, free_port, free_port_range, http_app_config, wait_until, write_config
+from support.configs import http_app_config, write_config
+from support.paths import REPO
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
 SESSION_TIMEOUT = 60
 

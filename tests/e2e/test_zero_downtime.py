@@ -11,16 +11,18 @@ import threading
 from pathlib import Path
 
 import pytest
+from support.configs import http_app_config, write_config
+from support.loadclient import LoadClient
+from support.paths import TEST_APPS
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
+from pmdaemon.config.loader import parse_config
 from pmdaemon.control.rollout import RolloutAborted
 from pmdaemon.control.runtime import Runtime
-from conftest import REPO, http_app_config, wait_until, write_config
-from loadclient import LoadClient
-from pmdaemon.config.loader import parse_config
-from quietports import quiet_port, quiet_port_range
 
 HEALTH = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout": 1, "failure_threshold": 2}
-BREAKABLE = REPO / "tests" / "apps" / "breakable.py"
+BREAKABLE = TEST_APPS / "breakable.py"
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def balanced(tmp_path: Path, script: Path, instances: int, env: dict | None = No
              **app_options) -> tuple[dict, int, int]:
     """A config: `instances` of `script` (health-checked every 0.2 s) behind a listener, room for scaling
     up to 4 more; returns (data, listener port, the first instance's port)."""
-    base, lb_port = quiet_port_range(instances + 4), quiet_port()
+    base, lb_port = free_port_range(instances + 4), free_port()
     app = http_app_config(script, "web", instances, base, health_check=HEALTH, **app_options)
     app["env"].update(env or {})
     return {"apps": [app], "load_balancer": {"host": "127.0.0.1", "port": lb_port, "apps": ["web"]}}, lb_port, base

@@ -7,10 +7,10 @@ import socket
 import time
 
 import pytest
+from support.backends import pattern_bytes, ws_frame
+from support.proxyharness import connect, exchange, get, read_all, read_response
 
-from backends import pattern_bytes, ws_frame
 from pmdaemon.config.model import ConnectionPool, Limits, RateLimiting, Retries, Timeouts
-from proxyharness import connect, exchange, get, read_all, read_response
 
 
 def test_round_robin_per_request_on_one_keepalive_connection_and_reuse(backends, lb):

@@ -7,9 +7,9 @@ import threading
 import time
 
 import pytest
+from support.proxyharness import connect, get, read_all, read_response
 
 from pmdaemon.config.model import Retries, Timeouts
-from proxyharness import connect, get, read_all, read_response
 
 
 def test_stale_pooled_connection_is_not_a_backend_failure(backends, lb):

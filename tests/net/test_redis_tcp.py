@@ -7,8 +7,8 @@ import subprocess
 import time
 
 import pytest
-
-from looprunner import RunningLoop, free_port
+from support.looprunner import RunningLoop
+from support.ports import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None,
                                 reason="needs redis-server and redis-benchmark")

@@ -7,20 +7,20 @@ import http.client
 import http.server
 import shutil
 import socket
-import subprocess
 import ssl
+import subprocess
 import threading
 import time
 import warnings
 
 import pytest
 import trustme
+from support.backends import RecordingBackend, pattern_bytes
+from support.http import get, https
+from support.looprunner import TlsFiles, running_loops
 
-from backends import RecordingBackend, pattern_bytes
-from looprunner import TlsFiles, running_loops
-from pmdaemon.config.model import BackendTls, Limits, SslConfig
+from pmdaemon.config.model import BackendTls, Limits
 from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
-from pmdaemon.net.tls import MOZILLA_INTERMEDIATE_CIPHERS, server_context
 
 
 @pytest.fixture
@@ -40,17 +40,6 @@ def balancer():
 @pytest.fixture
 def tls_files(tmp_path):
     return TlsFiles(tmp_path)
-
-
-def https(port: int, trust: TlsFiles | ssl.SSLContext, timeout: float = 10.0) -> http.client.HTTPSConnection:
-    context = trust if isinstance(trust, ssl.SSLContext) else trust.client_context()
-    return http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=timeout)
-
-
-def get(conn: http.client.HTTPConnection, path: str, **kwargs) -> tuple[int, dict, bytes]:
-    conn.request("GET", path, **kwargs)
-    response = conn.getresponse()
-    return response.status, dict(response.getheaders()), response.read()
 
 
 def header(request: dict, name: str) -> str | None:
@@ -219,21 +208,6 @@ def test_unreadable_certificate_is_a_clear_error(balancer, tmp_path):
         balancer([1], ssl=files.ssl_config())
 
 
-def test_server_context_uses_mozilla_intermediate():
-    from pathlib import Path
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        files = TlsFiles(Path(directory), trustme.KeyType.RSA)
-        context = server_context(SslConfig(enabled=True, cert_file=str(files.cert_file), key_file=str(files.key_file)),
-                                 ("http/1.1",))
-    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
-    assert context.maximum_version == ssl.TLSVersion.TLSv1_3
-    tls12 = {c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"}
-    assert tls12 and tls12 <= set(MOZILLA_INTERMEDIATE_CIPHERS.split(":"))
-    assert context.options & ssl.OP_NO_RENEGOTIATION
-
-
 # ---- backend_protocol: "https" -----------------------------------------------------------------
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -295,29 +269,3 @@ def test_tls_both_sides(tls_backend, balancer, tls_files):
                   backend_tls=BackendTls(ca_file=str(tls_backend.files.ca_file)))
     status, _headers, body = get(https(lb.port, tls_files), "/both")
     assert status == 200 and body.startswith(b"tls backend saw /both")
-
-
-@pytest.mark.timeout(60)
-def test_https_listener_through_the_runtime(tmp_path, app_script):
-    """The ssl-termination shape: app instances supervised, HTTPS listener from a parsed config."""
-    from pmdaemon.control.runtime import Runtime
-    from conftest import free_port, free_port_range, http_app_config, wait_until
-    from pmdaemon.config.loader import parse_config
-
-    files = TlsFiles(tmp_path)
-    lb_port = free_port()
-    data = {"apps": [http_app_config(app_script, "web", 2, free_port_range(2))],
-            "load_balancer": {"host": "127.0.0.1", "port": lb_port, "apps": ["web"],
-                              "ssl": {"enabled": True, "cert_file": str(files.cert_file),
-                                      "key_file": str(files.key_file), "protocols": ["TLSv1.2", "TLSv1.3"]}}}
-    runtime = Runtime(tmp_path / "home")
-    try:
-        runtime.apply(parse_config(data, str(tmp_path / "pmdaemon.json")))
-        wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], timeout=20,
-                   message="both backends up")
-        conn = https(lb_port, files)
-        bodies = {get(conn, "/")[2] for _ in range(4)}
-        assert len(bodies) == 2  # round robin over both instances, per request on one TLS connection
-        conn.close()
-    finally:
-        runtime.shutdown()

@@ -17,10 +17,8 @@ import trustme
 from pmdaemon.config.model import BackendConfig, ListenerConfig, SslConfig
 from pmdaemon.net.loop import IOLoop
 from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
-from quietports import quiet_port as free_port  # re-exported: tests import it from here
-
-REPO = Path(__file__).resolve().parent.parent
-TCP_ECHO = REPO / "examples" / "apps" / "tcp_echo.py"
+from support.paths import TCP_ECHO_APP
+from support.ports import free_port
 
 
 class RunningLoop:
@@ -87,7 +85,7 @@ class EchoServers:
             for _ in range(count):
                 port = free_port()
                 env = dict(os.environ, PORT=str(port), HOST="127.0.0.1")
-                self.processes.append(subprocess.Popen([sys.executable, str(TCP_ECHO)], env=env,
+                self.processes.append(subprocess.Popen([sys.executable, str(TCP_ECHO_APP)], env=env,
                                                        stdout=subprocess.DEVNULL, process_group=0))
                 self.ports.append(port)
             for port in self.ports:

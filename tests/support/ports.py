@@ -1,6 +1,6 @@
-"""Free ports below the kernel's ephemeral range, for tests that restart instances under load.
+"""Free TCP ports on 127.0.0.1, picked below the kernel's ephemeral range.
 
-conftest's `free_port()` asks the kernel, which answers from the ephemeral range
+Asking the kernel for a free port (bind to port 0) answers from the ephemeral range
 (/proc/sys/net/ipv4/ip_local_port_range); a test that opens thousands of client and backend
 connections while an instance restarts can have one of them take that instance's port in between,
 and the instance then fails to bind. Ports below the range are never handed out to connections.
@@ -19,7 +19,7 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def quiet_port_range(count: int) -> int:
+def free_port_range(count: int) -> int:
     """The first of `count` consecutive ports below the ephemeral range that nobody listens on now."""
     high = _ephemeral_low()
     low = max(1024, high - 20000)
@@ -30,8 +30,9 @@ def quiet_port_range(count: int) -> int:
     raise RuntimeError(f"no {count} consecutive free ports found below {high}")
 
 
-def quiet_port() -> int:
-    return quiet_port_range(1)
+def free_port() -> int:
+    """A port below the ephemeral range that nobody listens on now."""
+    return free_port_range(1)
 
 
 def _bindable(port: int) -> bool:

@@ -1,7 +1,6 @@
 """Data-plane test helpers: `LB` (a `looprunner.RunningLoop` over RecordingBackends) and raw-socket helpers.
 
-Also a pytest plugin (conftest.py loads it): the `backends` and `lb` factory fixtures, which stop
-what they made at teardown.
+tests/net/conftest.py builds its `backends` and `lb` factory fixtures on them.
 """
 from __future__ import annotations
 
@@ -9,10 +8,7 @@ import http.client
 import socket
 import time
 
-import pytest
-
-from backends import RecordingBackend
-from looprunner import RunningLoop
+from support.looprunner import RunningLoop
 
 
 class LB(RunningLoop):
@@ -26,36 +22,6 @@ class LB(RunningLoop):
     def outcomes(self, wait: float = 0.2) -> list:
         time.sleep(wait)
         return super().outcomes()
-
-
-@pytest.fixture
-def backends():
-    """Factory: `backends(n)` starts n more RecordingBackends, named "a", "b", ... in order."""
-    made = []
-
-    def make(n: int = 1) -> list[RecordingBackend]:
-        new = [RecordingBackend(name) for name in "abcdefgh"[len(made):len(made) + n]]
-        made.extend(new)
-        return new
-
-    yield make
-    for backend in made:
-        backend.stop()
-
-
-@pytest.fixture
-def lb():
-    """Factory: `lb(backends, **listener_options)` starts an LB over them."""
-    made = []
-
-    def make(backends, **options) -> LB:
-        instance = LB(backends, **options)
-        made.append(instance)
-        return instance
-
-    yield make
-    for instance in made:
-        instance.close()
 
 
 def get(conn: http.client.HTTPConnection, path: str, method: str = "GET", **kw):

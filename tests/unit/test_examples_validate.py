@@ -6,15 +6,14 @@ The ssl example needs a certificate, which is made fresh with trustme (a private
 committed).
 """
 import os
-import pathlib
 import shutil
 
 import pytest
 import trustme
+from support.paths import EXAMPLES
 
 from pmdaemon.config.loader import effective_config, load_config
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.json")) + sorted(EXAMPLES.glob("*.toml"))
 APP_SCRIPTS = ("server.py", "server.js", "tcp_echo.py")
 PAGE_EXAMPLES = (
