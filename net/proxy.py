@@ -4,22 +4,29 @@ Theory of operation
 -------------------
 A client connection handles one request at a time (pipelined requests wait in its reader's buffer,
 which is bounded: above `PIPELINE_BOUND` the socket is not read until the current answer is done),
-so answers go out in request order without any reordering logic.
+so answers go out in request order without any reordering logic. Its states:
 
-For each request head: validate (net/http1.py), choose a backend (the listener's strategy, a local
-read of the last published snapshot), take a pooled or new backend connection, send the rewritten
-head (hop-by-hop headers stripped, X-Forwarded-* set) and stream the body exactly as framed. The
-response head is rewritten the same way and the body streamed back raw. Backpressure: a side is
-not read while the other side holds more than `BUFFER_HIGH` unsent bytes.
+- WAIT_HEAD: reading a request head (`limits.header_timeout`, 408 when part of a head arrived);
+  between requests, an idle keep-alive connection (`timeouts.idle`).
+- EXCHANGE: one request in progress: its body forwarded as framed, its answer relayed. Back to
+  WAIT_HEAD when both sides keep the connection, else CLOSING.
+- TUNNEL: a 101 answer to a websocket upgrade made both connections a raw byte tunnel
+  (net/tunnel.py) until either side ends.
+- CLOSING: our last bytes are flushing. LINGER: our side is shut down; what the client still sends
+  is read and discarded until it closes (at most `LINGER_TIME`), so a late pipelined request cannot
+  make the kernel reset the connection and destroy the answer the client has not read yet.
 
-Retries (decisions.md sections 5 and 8): every attempt counts against `retries.max_attempts`.
-A connect failure (refused, unreachable, connect timeout) moves to another backend for any method;
-a backend that closes or resets before sending a response byte is retried only for idempotent
-methods; nothing is retried once a response byte was forwarded, nor after a read timeout (504).
-A retry is possible only while the whole request (head + body) is still held: up to
-`REPLAY_LIMIT` bytes are kept. Attempt n+1 waits `retries.delay_before(n+1)` on a loop timer.
-A reused pooled connection that turns out closed is not a backend failure: an idempotent request
-is re-sent on a fresh connection to the same backend without using up an attempt.
+For each request head: validate (net/http1.py), admit (token buckets, else 429), choose a backend
+(the listener's strategy, a local read of the last published snapshot), take a pooled or new
+backend connection, send the rewritten head (net/heads.py: hop-by-hop headers stripped,
+X-Forwarded-* set) and stream the body exactly as framed. The response head is rewritten the same
+way and the body streamed back raw. Backpressure: a side is not read while the other side holds
+more than `BUFFER_HIGH` unsent bytes. The backend half of an exchange (attempts, the backend
+connection's callbacks, relaying the response) is written in net/relay.py as functions that this
+class binds as its methods: one object per client connection, nothing allocated per request for it.
+
+Retries follow the listener's `RetryPolicy` (net/retry.py). A retry is possible only while the
+whole request (head + body) is still held: up to `REPLAY_LIMIT` bytes are kept.
 
 Each request ends in exactly one `Outcome`. A failed attempt that was followed by a retry also gets
 one, with status 0, so that breakers and health-aware strategies see every live-traffic failure.
@@ -30,30 +37,29 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import TYPE_CHECKING
 
+from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.accepting import accept_waiting
 from pmdaemon.net.channel import Channel
-from pmdaemon.config.model import ListenerConfig
-from pmdaemon.net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead, field_value
+from pmdaemon.net.heads import forward_head, upgrade_head
+from pmdaemon.net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead
+from pmdaemon.net import relay
+from pmdaemon.net.relay import BUFFER_HIGH, REPLAY_LIMIT
 from pmdaemon.net.responses import lb_response
-from pmdaemon.net.snapshot import Outcome, PoolSnapshot
+from pmdaemon.net.retry import RetryPolicy
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot, build_outcome
 from pmdaemon.net.strategies import Strategy
 from pmdaemon.net.tokenbucket import RateLimiter
+from pmdaemon.net.tunnel import WebsocketTunnel
 from pmdaemon.net.upstream import RECV_SIZE, BackendConnection, UpstreamPool
+from pmdaemon.states import ErrorKind
 
-HOP_BY_HOP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade"))
-HOP_BY_HOP_BUT_UPGRADE = HOP_BY_HOP - {b"upgrade"}
-_FORWARDED = frozenset((b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"))
-DROP_UNTRUSTED = HOP_BY_HOP | _FORWARDED  # the peer's X-Forwarded-* are replaced by ours
-DROP_TRUSTED = HOP_BY_HOP | {b"x-forwarded-for"}  # re-added with the peer appended
-# Never dropped because a Connection header names them (a known request-smuggling trick).
-PROTECTED = frozenset((b"content-length", b"transfer-encoding", b"host")) | _FORWARDED
-CRLF = b"\r\n"
+if TYPE_CHECKING:
+    from pmdaemon.net.loop import _Timer
 
-BUFFER_HIGH = 256 * 1024  # stop reading a side while the other side has this much unsent
 PIPELINE_BOUND = 64 * 1024  # bytes buffered from a client while its current request is in progress
 PENDING_BOUND = 64 * 1024  # request bytes held while no backend connection is ready
-REPLAY_LIMIT = 64 * 1024  # requests up to this size can be re-sent to another backend
 LINGER_TIME = 2.0  # after our last byte: read and discard until the client closes, at most this long
 CLOSE_AFTER_ERROR = frozenset((400, 408, 413, 414, 431))
 
@@ -73,7 +79,7 @@ class HttpListener:
         self.adds_response_headers = (getattr(type(strategy), "response_headers", Strategy.response_headers)
                                       is not Strategy.response_headers)
         self.snapshot: PoolSnapshot | None = None
-        self.addresses: dict[int, tuple] = {}
+        self.addresses: dict[int, tuple[str, int]] = {}
         self.pool = UpstreamPool(loop, cfg)
         self.trusted = tuple(ipaddress.ip_network(c, strict=False) for c in cfg.trusted_proxies)
         self._trust_cache: dict[str, bool] = {}
@@ -87,9 +93,8 @@ class HttpListener:
         self.header_timeout = limits.header_timeout
         t = cfg.timeouts
         self.read_timeout, self.write_timeout, self.idle_timeout = t.read, t.write, t.idle
-        self.max_attempts = max(1, cfg.retries.max_attempts)
-        self.retries = cfg.retries
-        self.forwarded_proto = b"X-Forwarded-Proto: https\r\n" if cfg.ssl.enabled else b"X-Forwarded-Proto: http\r\n"
+        self.retry_policy = RetryPolicy.from_config(cfg.retries)
+        self.tls = cfg.ssl.enabled  # X-Forwarded-Proto: https
 
     def on_readable(self) -> None:
         accept_waiting(self.sock, self.accepted)
@@ -97,7 +102,7 @@ class HttpListener:
     def accepted(self, sock: socket.socket, ip: str) -> None:
         ClientConnection(self, sock, ip)
 
-    def publish(self, snapshot: PoolSnapshot, addresses: dict[int, tuple]) -> None:
+    def publish(self, snapshot: PoolSnapshot, addresses: dict[int, tuple[str, int]]) -> None:
         self.snapshot = snapshot
         self.addresses = addresses
         self.strategy.update(snapshot)
@@ -148,10 +153,10 @@ class HttpListener:
 
 
 class ClientConnection(Channel):
-    __slots__ = ("listener", "ip", "ip_bytes", "forwarded_for", "reader", "state", "head_since", "pumping", "head",
+    __slots__ = ("listener", "ip", "ip_bytes", "reader", "state", "head_since", "pumping", "head",
                  "t_head", "latency", "bytes_in", "bytes_out", "request_done", "replay", "replay_size",
                  "attempts", "exclude", "view", "up", "up_ready", "resp", "sent_to_client",
-                 "keep_client", "last_error", "retry_timer", "status", "eof")
+                 "keep_client", "last_error", "retry_timer", "status", "eof", "tunnel")
 
     def __init__(self, listener: HttpListener, sock: socket.socket, ip: str):
         sock.setblocking(False)
@@ -160,14 +165,14 @@ class ClientConnection(Channel):
         self.listener = listener
         self.ip = ip
         self.ip_bytes = ip.encode()
-        self.forwarded_for = b"X-Forwarded-For: " + self.ip_bytes + CRLF + listener.forwarded_proto
         self.reader = RequestReader(listener.max_header_size, listener.max_body)
         self.state = WAIT_HEAD
         self.head_since: float | None = None
         self.pumping = False
         self.eof = False
         self.up: BackendConnection | None = None
-        self.retry_timer = None
+        self.retry_timer: _Timer | None = None
+        self.tunnel: WebsocketTunnel | None = None
         self._reset_exchange()
         listener.connections.add(self)
         self.loop.gauge_clients(listener.index, 1)
@@ -183,12 +188,12 @@ class ClientConnection(Channel):
         self.replay: list[bytes] | None = None
         self.replay_size = 0
         self.attempts = 0
-        self.exclude = frozenset()
-        self.view = None
+        self.exclude: frozenset[int] = frozenset()
+        self.view: BackendView | None = None
         self.up_ready = False
         self.sent_to_client = False
         self.keep_client = False
-        self.last_error = None
+        self.last_error: tuple[ErrorKind, int, str, int] | None = None  # kind, status, why, backend
         self.status = 0
 
     # ---- client socket events ----------------------------------------------------------------
@@ -198,17 +203,14 @@ class ClientConnection(Channel):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.abort("client_closed")
+            self.abort(ErrorKind.CLIENT_CLOSED)
             return
         state = self.state
         if not data:
             self._client_eof()
         elif state == TUNNEL:
-            self.bytes_in += len(data)
-            self.set_deadline(self.loop.now + self.listener.idle_timeout)
-            self.up.write(data)
-            if self.up.pending > BUFFER_HIGH:
-                self.pause_reading()
+            assert self.tunnel is not None
+            self.tunnel.from_client(data)
         elif state == LINGER:
             return  # discarded: we are only waiting for the client to close
         elif state != CLOSING:
@@ -225,9 +227,9 @@ class ClientConnection(Channel):
             self.keep_client = False
             self.pause_reading()
         elif state == EXCHANGE:
-            self.abort("client_closed")
+            self.abort(ErrorKind.CLIENT_CLOSED)
         elif state == TUNNEL:
-            self._end_tunnel(flush=False)
+            self.end_tunnel(flush=False)
         elif state == CLOSING:
             self.pause_reading()  # finish flushing; the linger step reads the EOF again and closes
         else:
@@ -245,24 +247,25 @@ class ClientConnection(Channel):
         state = self.state
         if state == WAIT_HEAD:
             if self.reader.buffered:
-                self.respond(408, f"request head not received within {self.listener.header_timeout:g} s", "lb_4xx")
+                self.respond(408, f"request head not received within {self.listener.header_timeout:g} s",
+                             ErrorKind.LB_4XX)
             else:
                 self.close()
         elif state == EXCHANGE:
             if self.sent_to_client:
-                self.abort("client_timeout")  # its request body stalled: the client's failure, not the backend's
+                self.abort(ErrorKind.CLIENT_TIMEOUT)  # its request body stalled: the client's failure
             else:
-                self.respond(408, f"request body stalled for {self.listener.idle_timeout:g} s", "lb_4xx")
+                self.respond(408, f"request body stalled for {self.listener.idle_timeout:g} s", ErrorKind.LB_4XX)
         elif state == TUNNEL:
-            self._end_tunnel(flush=False)
+            self.end_tunnel(flush=False)
         else:
             self.close()
 
     def on_write_timeout(self) -> None:
-        self.abort("client_timeout")  # the client stopped reading its response
+        self.abort(ErrorKind.CLIENT_TIMEOUT)  # the client stopped reading its response
 
     def on_error(self, exc: OSError) -> None:
-        self.abort("client_closed")
+        self.abort(ErrorKind.CLIENT_CLOSED)
 
     # ---- request side ------------------------------------------------------------------------
     def pump(self) -> None:
@@ -284,7 +287,7 @@ class ClientConnection(Channel):
                 try:
                     ev = reader.next_event()
                 except HttpError as exc:
-                    self.respond(exc.status, exc.reason, "lb_4xx")
+                    self.respond(exc.status, exc.reason, ErrorKind.LB_4XX)
                     return
                 if ev is NEED_DATA:
                     if not self.reading:
@@ -301,20 +304,21 @@ class ClientConnection(Channel):
 
     def _pull_body(self) -> bool:
         """Forward (or hold) one body event; False when nothing more can be done now."""
-        if not self.up_ready:
+        up = self.up
+        if not self.up_ready or up is None:
             if self.replay_size >= PENDING_BOUND:
                 self.pause_reading()
                 return False
-        elif self.up.pending > BUFFER_HIGH:
+        elif up.pending > BUFFER_HIGH:
             self.pause_reading()
             return False
         try:
             ev = self.reader.next_event()
         except HttpError as exc:
             if self.sent_to_client:
-                self.abort("lb_4xx")
+                self.abort(ErrorKind.LB_4XX)
             else:
-                self.respond(exc.status, exc.reason, "lb_4xx")
+                self.respond(exc.status, exc.reason, ErrorKind.LB_4XX)
             return False
         if ev is NEED_DATA:
             if not self.reading and not self.eof:
@@ -323,8 +327,7 @@ class ClientConnection(Channel):
         if ev is END or ev is PAUSED:
             self.request_done = True
             self.set_deadline(None)
-            up = self.up
-            if self.up_ready and not up.pending:
+            if self.up_ready and up is not None and not up.pending:
                 up.set_deadline(self.loop.now + self.listener.read_timeout)
             return True
         self.bytes_in += len(ev)
@@ -334,8 +337,8 @@ class ClientConnection(Channel):
             self.replay_size += len(ev)
             if self.up_ready and self.replay_size > REPLAY_LIMIT:
                 self.replay = None
-        if self.up_ready:
-            self.up.write(ev)
+        if self.up_ready and up is not None:
+            up.write(ev)
         return True
 
     def _begin(self, head: RequestHead) -> None:
@@ -356,9 +359,10 @@ class ClientConnection(Channel):
         if limiter is not None:
             wait = limiter.check(self.ip, loop.now)
             if wait:
-                self.respond(429, "rate limit exceeded", "rate_limited", retry_after=wait)
+                self.respond(429, "rate limit exceeded", ErrorKind.RATE_LIMITED, retry_after=wait)
                 return
-        fwd = self._forward_head(head)
+        trusted = listener.is_trusted(self.ip) if listener.trusted else False
+        fwd = forward_head(head, self.ip_bytes, trusted, listener.tls, listener.pool.reuse)
         self.replay = [fwd]
         self.replay_size = len(fwd)
         # Validate what already arrived of the body before anything reaches a backend.
@@ -367,345 +371,25 @@ class ClientConnection(Channel):
         if self.head is head and not self.closed:
             self._attempt()
 
-    def _forward_head(self, head: RequestHead) -> bytes:
-        """The request head as the backend gets it: hop-by-hop fields dropped, X-Forwarded-* set."""
-        listener = self.listener
-        trusted = listener.trusted and listener.is_trusted(self.ip)
-        drop = DROP_TRUSTED if trusted else DROP_UNTRUSTED
-        if head.websocket:
-            drop = drop - {b"upgrade"}
-        tokens = head.connection_tokens
-        if tokens:
-            extra = [t for t in tokens if t not in HOP_BY_HOP and t not in PROTECTED]
-            if extra:
-                drop = drop.union(extra)
-        fields = head.fields
-        kept = [line for lname, line in fields if lname not in drop]
-        parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n" if head.version == 11 else b" HTTP/1.0\r\n"]
-        if kept:
-            parts.append(b"\r\n".join(kept))
-            parts.append(CRLF)
-        if trusted:
-            prior = [field_value(lname, line) for lname, line in fields if lname == b"x-forwarded-for"]
-            if prior:
-                parts += (b"X-Forwarded-For: ", b", ".join(prior), b", ", self.ip_bytes, CRLF)
-            else:
-                parts += (b"X-Forwarded-For: ", self.ip_bytes, CRLF)
-            if head.header(b"x-forwarded-proto") is None:
-                parts.append(listener.forwarded_proto)
-            if head.host is not None and head.header(b"x-forwarded-host") is None:
-                parts += (b"X-Forwarded-Host: ", head.host, CRLF)
-        else:
-            parts.append(self.forwarded_for)
-            if head.host is not None:
-                parts += (b"X-Forwarded-Host: ", head.host, CRLF)
-        if head.websocket:
-            parts.append(b"Connection: Upgrade\r\n\r\n")
-        elif not listener.pool.reuse:
-            parts.append(b"Connection: close\r\n\r\n")
-        elif head.version == 10:
-            parts.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(CRLF)
-        return b"".join(parts)
+    # ---- the backend half of the exchange (net/relay.py), bound as methods ---------------------
+    _attempt = relay.attempt
+    _end_attempt = relay.end_attempt
+    _upstream_invalid = relay.upstream_invalid
+    upstream_connected = relay.upstream_connected
+    upstream_drained = relay.upstream_drained
+    upstream_data = relay.upstream_data
+    upstream_eof = relay.upstream_eof
+    upstream_error = relay.upstream_error
+    upstream_timeout = relay.upstream_timeout
 
-    # ---- choosing a backend ------------------------------------------------------------------
-    def _attempt(self, fresh: bool = False) -> None:
-        self.retry_timer = None
-        if self.closed or self.head is None:
-            return
-        listener = self.listener
-        over_capacity = False
-        while True:
-            if fresh:
-                view = self.view
-            else:
-                # listener.choose inlined (one call less per request)
-                view = None if listener.snapshot is None else listener.strategy.choose(self.ip, self.head,
-                                                                                       self.exclude)
-                if view is None:
-                    break
-            address = listener.addresses.get(view.index) or (view.host, view.port)
-            up = listener.pool.acquire(view, address, self, fresh)
-            if up is None:
-                if fresh:
-                    break
-                self.exclude = self.exclude | {view.index}
-                over_capacity = True
-                continue
-            if self.last_error is not None and not fresh:
-                self._record_failed_attempt()
-            if not fresh:
-                self.attempts += 1
-            self.view = view
-            self.up = up
-            self.up_ready = False
-            listener.strategy.started(view.index)
-            self.loop.gauge_active(listener.index, view.index, 1)
-            if up.connected:
-                self.upstream_connected(up)
-            return
-        if self.last_error is not None:
-            kind, status, why, backend = self.last_error
-            self.respond(status, why, kind, backend)
-        elif over_capacity:
-            self.respond(503, "every eligible backend is at its connection limit (over capacity)", "lb_5xx")
-        else:
-            self.respond(503, "no healthy backend available", "no_backend")
-
-    def _record_failed_attempt(self) -> None:
-        kind, _status, _why, backend = self.last_error
-        self.last_error = None
-        self.loop.record(Outcome(self.listener.index, backend, 0, self.loop.now - self.t_head, 0, 0, kind,
-                                 self.ip, False))
-
-    def _end_attempt(self, reusable: bool) -> None:
-        up = self.up
-        if up is None:
-            return
-        self.up = None
-        self.up_ready = False
-        listener = self.listener
-        index = self.view.index
-        listener.strategy.finished(index)
-        self.loop.gauge_active(listener.index, index, -1)
-        if reusable:
-            listener.pool.release(up, True)
-        else:
-            listener.pool.discard(up)
-
-    def _attempt_failed(self, kind: str, status: int, why: str, retryable: bool) -> None:
-        """This attempt is over without a response byte sent: retry elsewhere or answer the error."""
-        view = self.view
-        self._end_attempt(False)
-        self.last_error = (kind, status, why, view.index)
-        # A backend failure (every kind here is one); its Outcome is recorded only once the retry has
-        # chosen (after retry_delay), and no other request may reach this backend meanwhile.
-        self.listener.strategy.live_failure(view.index)
-        if not retryable or self.attempts >= self.listener.max_attempts or self.replay is None:
-            self.respond(status, why, kind, view.index)
-            return
-        self.exclude = self.exclude | {view.index}
-        delay = self.listener.retries.delay_before(self.attempts + 1)
-        if delay > 0:
-            self.retry_timer = self.loop.call_later(delay, self._attempt)
-        else:
-            self._attempt()
-
-    # ---- backend connection callbacks -------------------------------------------------------
-    def upstream_connected(self, up: BackendConnection) -> None:
-        if up is not self.up:
-            self.listener.pool.discard(up)
-            return
-        self.up_ready = True
-        up.reader.start(self.head.method)
-        replay = self.replay
-        up.write(replay[0] if len(replay) == 1 else b"".join(replay))
-        if self.replay_size > REPLAY_LIMIT:
-            self.replay = None
-        if self.request_done:
-            if not up.out:
-                up.set_deadline(self.loop.now + self.listener.read_timeout)
-        else:
-            self.pump()
-
-    def upstream_drained(self, up: BackendConnection) -> None:
-        if up is not self.up:
-            return
-        if self.state == TUNNEL:
-            self.resume_reading()
-            return
-        if self.request_done:
-            up.set_deadline(self.loop.now + self.listener.read_timeout)
-        elif not self.eof:
-            self.resume_reading()
-            self.pump()
-
-    def upstream_data(self, up: BackendConnection, data: bytes) -> None:
-        if up is not self.up:
-            self.listener.pool.discard(up)
-            return
-        if self.state == TUNNEL:
-            self.bytes_out += len(data)
-            self.set_deadline(self.loop.now + self.listener.idle_timeout)
-            self.write(data)
-            if self.pending > BUFFER_HIGH:
-                up.pause_reading()
-            return
-        reader = up.reader
-        try:
-            whole = reader.feed_whole(data)
-        except HttpError as exc:
-            self._upstream_invalid(exc.reason)
-            return
-        if whole is not None:
-            # Fast path (see ResponseReader.feed_whole): this read is the whole response. The same
-            # steps as the event loop below takes for head, body and END, without the loop.
-            resp, body = whole
-            self.bytes_out += len(body)
-            self.write(self._response_head(resp) + body)
-            self._response_complete()
-            return
-        out = []  # everything for the client from this read, sent with one write (head + body)
-        while True:
-            try:
-                ev = reader.next_event()
-            except HttpError as exc:
-                self._flush(out)
-                self._upstream_invalid(exc.reason)
-                return
-            if ev is NEED_DATA or ev is PAUSED:
-                break
-            if ev is END:
-                self._flush(out)
-                self._response_complete()
-                return
-            if type(ev) is bytes:
-                self.bytes_out += len(ev)
-                out.append(ev)
-            elif ev.status >= 200:
-                out.append(self._response_head(ev))
-            elif ev.status == 101:
-                self._flush(out)
-                self._start_tunnel(ev)
-                return
-            elif self.head.version == 11:  # no 1xx to HTTP/1.0 clients (RFC 9110 15.2)
-                out.append(self._interim_head(ev))
-        self._flush(out)
-        if self.closed or self.up is not up:
-            return
-        up.set_deadline(self.loop.now + self.listener.read_timeout)
-        if self.pending > BUFFER_HIGH:
-            up.pause_reading()
-
-    def _flush(self, out: list) -> None:
-        if out:
-            self.write(out[0] if len(out) == 1 else b"".join(out))
-
-    def upstream_eof(self, up: BackendConnection) -> None:
-        if up is not self.up:
-            self.listener.pool.discard(up)
-            return
-        if self.state == TUNNEL:
-            self._end_tunnel(flush=True)
-            return
-        try:
-            up.reader.feed_eof()
-        except HttpError:
-            self._upstream_lost(up, "backend closed the connection")
-            return
-        self._response_complete()
-
-    def upstream_error(self, up: BackendConnection, exc: OSError, connecting: bool) -> None:
-        if up is not self.up:
-            self.listener.pool.discard(up)
-            return
-        if self.state == TUNNEL:
-            self._end_tunnel(flush=True)
-        elif connecting:
-            reason = exc.strerror or str(exc)
-            self._attempt_failed("connect", 502, f"cannot connect to backend {self.view.address}: {reason}", True)
-        else:
-            self._upstream_lost(up, f"backend connection failed: {exc.strerror or exc}")
-
-    def upstream_timeout(self, up: BackendConnection, connecting: bool) -> None:
-        if up is not self.up:
-            self.listener.pool.discard(up)
-            return
-        listener = self.listener
-        if connecting:
-            self._attempt_failed("timeout", 504, f"connecting to backend {self.view.address} timed out", True)
-        elif self.sent_to_client:
-            if not up.reading:  # held back while the client drains what it has: no backend delay
-                up.set_deadline(self.loop.now + listener.read_timeout)
-                return
-            self.abort("timeout")
-        elif up.pending:
-            self._attempt_failed("timeout", 504, f"backend {self.view.address} stopped reading the request", False)
-        else:
-            self._attempt_failed("timeout", 504, f"backend {self.view.address} did not answer within "
-                                                 f"{listener.read_timeout:g} s", False)
-
-    def _upstream_lost(self, up: BackendConnection, why: str) -> None:
-        """The backend closed or reset the connection before the response was complete."""
-        if self.sent_to_client:
-            self.abort("reset")
-            return
-        replayable = self.replay is not None and self.head.idempotent and up.received == 0
-        if up.reused and replayable:
-            # A stale pooled connection: not the backend's fault; same backend, fresh connection.
-            self._end_attempt(False)
-            self._attempt(fresh=True)
-            return
-        self._attempt_failed("reset", 502, why, replayable)
-
-    def _upstream_invalid(self, why: str) -> None:
-        if self.sent_to_client:
-            self.abort("invalid_response")
-            return
-        self._attempt_failed("invalid_response", 502, f"invalid response from backend: {why}", False)
-
-    # ---- response side -----------------------------------------------------------------------
-    def _filtered_response(self, resp: ResponseHead, keep_upgrade: bool) -> list[bytes]:
-        """Status line and end-to-end fields of a response, each line CRLF-terminated, as parts."""
-        drop = HOP_BY_HOP_BUT_UPGRADE if keep_upgrade else HOP_BY_HOP
-        tokens = resp.connection_tokens
-        if tokens:
-            extra = [t for t in tokens if t not in HOP_BY_HOP and t not in PROTECTED]
-            if extra:
-                drop = drop.union(extra)
-        kept = [line for lname, line in resp.fields if lname not in drop]
-        if kept:
-            return [resp.status_line, CRLF, b"\r\n".join(kept), CRLF]
-        return [resp.status_line, CRLF]
-
-    def _response_head(self, resp: ResponseHead) -> bytes:
-        """The final response head as the client gets it (the caller writes it)."""
-        head = self.head
-        keep = head.keep_alive and not resp.until_close and self.request_done and not self.eof \
-            and not self.listener.closed
-        self.keep_client = keep
-        self.resp = resp
-        self.status = resp.status
-        parts = self._filtered_response(resp, False)
-        if self.listener.adds_response_headers:
-            for name, value in self.listener.strategy.response_headers(head, self.view):
-                parts += (name, b": ", value, CRLF)
-        if not keep:
-            parts.append(b"Connection: close\r\n\r\n")
-        elif head.version == 10:
-            parts.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(CRLF)
-        data = b"".join(parts)
-        self.latency = self.loop.now - self.t_head
-        self.sent_to_client = True
-        self.bytes_out += len(data)
-        return data
-
-    def _interim_head(self, resp: ResponseHead) -> bytes:
-        parts = self._filtered_response(resp, False)
-        parts.append(CRLF)
-        data = b"".join(parts)
-        self.sent_to_client = True
-        self.bytes_out += len(data)
-        return data
-
-    def _response_complete(self) -> None:
-        up = self.up
-        reusable = (self.resp.keep_alive and self.request_done and not up.out
-                    and not up.reader.buffered)
-        if not self.request_done:
-            self.keep_client = False
-        self._end_attempt(reusable)
-        self._finish(self.status, None, False, self.view.index)
-
-    def _finish(self, status: int, error: str | None, lb_made: bool, backend: int) -> None:
+    # ---- ending an exchange ------------------------------------------------------------------
+    def _finish(self, status: int, error: ErrorKind | None, lb_made: bool, backend: int) -> None:
         """Record the outcome, then wait for the next request or close."""
         loop = self.loop
-        loop.record(Outcome(self.listener.index, backend, status, self.latency, self.bytes_in, self.bytes_out,
-                            error, self.ip, lb_made))
-        keep = self.keep_client and self.request_done and not self.listener.closed and not self.eof
+        listener = self.listener
+        loop.record(build_outcome(listener.index, backend, self.ip, error, status, self.latency, self.bytes_in,
+                                  self.bytes_out, lb_made))
+        keep = self.keep_client and self.request_done and not listener.closed and not self.eof
         self._reset_exchange()
         if not keep:
             self._close_soon()
@@ -717,12 +401,13 @@ class ClientConnection(Channel):
             self.resume_reading()
         if reader.buffered:  # a pipelined request is waiting
             self.head_since = loop.now
-            self.set_deadline(loop.now + self.listener.header_timeout)
+            self.set_deadline(loop.now + listener.header_timeout)
             self.pump()
         else:
-            self.set_deadline(loop.now + self.listener.idle_timeout)
+            self.set_deadline(loop.now + listener.idle_timeout)
 
-    def respond(self, status: int, why: str, error: str, backend: int = -1, retry_after: float | None = None) -> None:
+    def respond(self, status: int, why: str, error: ErrorKind, backend: int = -1,
+                retry_after: float | None = None) -> None:
         """Answer with a response the load balancer makes itself."""
         if self.sent_to_client:
             self.abort(error)
@@ -746,18 +431,18 @@ class ClientConnection(Channel):
         self._finish(status, error, True, backend)
 
     # ---- websocket tunnel --------------------------------------------------------------------
-    def _start_tunnel(self, resp: ResponseHead) -> None:
-        up = self.up
-        if not self.head.websocket:
+    def _start_tunnel(self, up: BackendConnection, resp: ResponseHead) -> None:
+        """A 101 answer: relay it, then both connections carry raw bytes (net/tunnel.py)."""
+        head = self.head
+        if head is None or not head.websocket:
             self._upstream_invalid("101 Switching Protocols to a request that asked for no upgrade")
             return
-        parts = self._filtered_response(resp, True)
-        parts.append(b"Connection: Upgrade\r\n\r\n")
-        data = b"".join(parts)
+        data = upgrade_head(resp)
         self.latency = self.loop.now - self.t_head
         self.status = 101
         self.sent_to_client = True
         self.state = TUNNEL
+        self.tunnel = WebsocketTunnel(self, up)
         self.bytes_out += len(data)
         self.write(data)
         rest = up.reader.take_buffer()
@@ -773,12 +458,14 @@ class ClientConnection(Channel):
         if not self.reading:
             self.resume_reading()
 
-    def _end_tunnel(self, flush: bool) -> None:
+    def end_tunnel(self, flush: bool) -> None:
+        """Either side of the tunnel ended: one Outcome (status 101) for the whole of it."""
+        self.tunnel = None
         self.keep_client = False
-        self._end_attempt(False)
         view = self.view
-        self.loop.record(Outcome(self.listener.index, view.index, 101, self.latency, self.bytes_in,
-                                 self.bytes_out, None, self.ip, False))
+        self._end_attempt(False)
+        self.loop.record(build_outcome(self.listener.index, view.index if view is not None else -1, self.ip, None,
+                                       101, self.latency, self.bytes_in, self.bytes_out))
         self._reset_exchange()
         if flush:
             self._close_soon()
@@ -803,13 +490,14 @@ class ClientConnection(Channel):
         if not self.reading:
             self.resume_reading()
 
-    def abort(self, error: str) -> None:
+    def abort(self, error: ErrorKind) -> None:
         """Drop the exchange and the connection at once (client gone, or a response cut short)."""
         if self.closed:
             return
         if self.head is not None:
-            self.loop.record(Outcome(self.listener.index, self.view.index if self.view else -1, self.status,
-                                     self.latency, self.bytes_in, self.bytes_out, error, self.ip, False))
+            view = self.view
+            self.loop.record(build_outcome(self.listener.index, view.index if view is not None else -1, self.ip,
+                                           error, self.status, self.latency, self.bytes_in, self.bytes_out))
         self.close()
 
     def close(self) -> None:
@@ -819,6 +507,7 @@ class ClientConnection(Channel):
             self.retry_timer.cancel()
             self.retry_timer = None
         self._end_attempt(False)
+        self.tunnel = None
         Channel.close(self)
         listener = self.listener
         listener.connections.discard(self)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
-from pmdaemon.states import BackendState
+from pmdaemon.states import BackendState, ErrorKind
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,13 @@ class Outcome(NamedTuple):
     # The load balancer produced the response itself; a backend failure only when it answered 502/504
     # for one (then `backend` and `error` say which and why), see net/breaker.py `verdict`.
     lb_made: bool
+
+
+def build_outcome(listener: int, backend: int, client_ip: str, error: ErrorKind | None, status: int = 0,
+                  latency: float = 0.0, bytes_in: int = 0, bytes_out: int = 0, lb_made: bool = False) -> Outcome:
+    """The one place the data plane fills in an `Outcome` (net/proxy.py, net/tcpproxy.py). The
+    defaults describe what moved no bytes and sent no status: a failed attempt, a refused connection."""
+    return Outcome(listener, backend, status, latency, bytes_in, bytes_out, error, client_ip, lb_made)
 
 
 @dataclass(frozen=True)
