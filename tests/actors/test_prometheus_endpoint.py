@@ -1,25 +1,15 @@
 """The MetricsActor's /metrics endpoint over real HTTP on 127.0.0.1, and the actor's queries."""
-import http.client
 import socket
 
 import pykka
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from support.http import get
 from support.ports import free_port
 
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.config.model import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
 from pmdaemon.net.snapshot import LoopReport, Outcome
-
-
-def get(port: int, path: str) -> tuple[int, str, str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.getheader("Content-Type"), response.read().decode()
-    finally:
-        conn.close()
 
 
 def listener(index: int, port: int, metrics_port: int | None, path: str = "/metrics") -> ListenerConfig:
@@ -57,9 +47,9 @@ def test_endpoint_serves_the_same_counters_as_stats(actors):
     stats = proxy.stats().get(timeout=5)
     assert stats["requests"] == 50 and stats["responses"]["5xx"] == 10
 
-    status, content_type, body = get(metrics_port, "/metrics")
-    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
-    samples = counters(body)
+    reply = get(metrics_port, "/metrics")
+    assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = counters(reply.text)
     for row in stats["listeners"]:
         port = str(row["port"])
         for code_class, count in row["responses"].items():
@@ -75,13 +65,13 @@ def test_detailed_query_and_404_elsewhere(actors):
     ref.tell(LoopReport(outcomes(0, 4), {}, {}))
     ref.proxy().stats().get(timeout=5)  # the report is processed before the scrape
 
-    status, _, body = get(metrics_port, "/metrics?detailed=1")
-    assert status == 200
-    samples = counters(body)
+    reply = get(metrics_port, "/metrics?detailed=1")
+    assert reply.status == 200
+    samples = counters(reply.text)
     key = ("pmdaemon_backend_requests_total",
            (("backend", "127.0.0.1:18081"), ("code_class", "2xx"), ("instance", "web-0"), ("listener", "18080")))
     assert samples[key] == 2
-    assert "pmdaemon_backend_requests_total" not in get(metrics_port, "/metrics")[2]
+    assert "pmdaemon_backend_requests_total" not in get(metrics_port, "/metrics").text
     assert get(metrics_port, "/")[0] == 404
     assert get(metrics_port, "/metricsx")[0] == 404
 
@@ -95,9 +85,9 @@ def test_reconfigure_keeps_counters_and_moves_the_endpoint(actors):
 
     with pytest.raises(ConnectionRefusedError):
         get(first_port, "/metrics")
-    status, _, body = get(second_port, "/m")
-    assert status == 200
-    assert counters(body)[("pmdaemon_requests_total", (("code_class", "2xx"), ("listener", "18080")))] == 6
+    reply = get(second_port, "/m")
+    assert reply.status == 200
+    assert counters(reply.text)[("pmdaemon_requests_total", (("code_class", "2xx"), ("listener", "18080")))] == 6
     assert proxy.stats().get(timeout=5)["requests"] == 6
 
 

@@ -7,7 +7,6 @@ test ends with the actors stopped and checks that no child process, zombies incl
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 import psutil
 import pykka
 import pytest
+from support.http import get
 from support.paths import EXAMPLE_APPS, REPO, SERVER_APP, TEST_APPS
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
@@ -87,16 +87,6 @@ def row(supervisor, name: str) -> dict:
 def wait_status(supervisor, name: str, status: str, timeout: float = 5.0) -> dict:
     return wait_until(lambda: (r := row(supervisor, name))["status"] == status and r, timeout=timeout,
                       interval=0.01, message=f"{name} {status}")
-
-
-def get(port: int, path: str = "/") -> tuple[int, dict, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        connection.close()
 
 
 def answers(port: int) -> bool:

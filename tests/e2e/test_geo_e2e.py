@@ -7,7 +7,6 @@ us-west-1 and eu-west-1 (1 instance each). 127.0.0.2 is in us-east-1, 127.0.0.3 
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.configs import http_app_config, write_config
+from support.http import get
 from support.paths import REPO
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
@@ -50,21 +50,11 @@ def geo_pool(tmp_path, app_script, foreground_daemon, pmdaemon):
     return lb_port, ports
 
 
-def get(port: int, source: str, headers: dict | None = None) -> str:
-    """GET / from `source`; the port of the instance that answered."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
-    try:
-        connection.request("GET", "/", headers=headers or {})
-        response = connection.getresponse()
-        response.read()
-        assert response.status == 200
-        return response.getheader("X-Backend")
-    finally:
-        connection.close()
-
-
 def served(port: int, source: str, count: int = 6, headers: dict | None = None) -> set[str]:
-    return {get(port, source, headers) for _ in range(count)}
+    """GET / `count` times from `source`: the ports (X-Backend) of the instances that answered."""
+    replies = [get(port, source=source, headers=headers) for _ in range(count)]
+    assert {reply.status for reply in replies} == {200}
+    return {reply.headers["X-Backend"] for reply in replies}
 
 
 def wait_states(pmdaemon, states: set[str], instances: set[str] | None = None) -> list[dict]:

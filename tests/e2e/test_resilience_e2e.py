@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from support.configs import http_app_config, write_config
+from support.http import Reply, get
 from support.paths import REPO, TCP_ECHO_APP, TEST_APPS
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
@@ -86,29 +87,6 @@ def serving(port: int) -> bool:
         return False
 
 
-class Reply:
-    def __init__(self, response: http.client.HTTPResponse):
-        self.status = response.status
-        self.headers = response.headers
-        self.body = response.read()
-
-    @property
-    def backend(self) -> int | None:
-        value = self.headers.get("X-Backend")
-        return int(value) if value else None
-
-
-def get(port: int, path: str = "/", source: str | None = None, timeout: float = 10) -> Reply:
-    """One GET on a new connection, from `source` (a 127.0.0.x address) when given."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
-                                            source_address=(source, 0) if source else None)
-    try:
-        connection.request("GET", path)
-        return Reply(connection.getresponse())
-    finally:
-        connection.close()
-
-
 def balancer_503(lb_port: int) -> Reply:
     """A GET the balancer must answer itself, at once (3 s client timeout): 503 with a plain-text body."""
     reply = get(lb_port, timeout=3)
@@ -148,8 +126,7 @@ class Traffic:
             connection = http.client.HTTPConnection("127.0.0.1", self.lb_port, timeout=10) if fresh else kept
             started = time.monotonic()
             try:
-                connection.request("GET", "/")
-                self.replies.append((started, Reply(connection.getresponse())))
+                self.replies.append((started, get(connection)))
             except (OSError, http.client.HTTPException) as exc:
                 self.failures.append(f"{'new' if fresh else 'keep-alive'} connection: {exc!r}")
                 if not fresh:

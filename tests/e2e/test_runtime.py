@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from support.configs import http_app_config
+from support.http import get
 from support.paths import TCP_ECHO_APP
 from support.ports import free_port, free_port_range
 from support.processes import descendants
@@ -27,16 +28,6 @@ def runtime(tmp_path):
 
 def config(tmp_path: Path, data: dict):
     return parse_config(data, str(tmp_path / "pmdaemon.json"))
-
-
-def get(port: int, path: str = "/") -> tuple[int, str]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        connection.close()
 
 
 def stop_and_wait(runtime: Runtime, name: str) -> None:
@@ -63,7 +54,6 @@ def test_apply_starts_apps_and_shutdown_leaves_no_process_or_thread(tmp_path, ap
                message=f"no thread left behind: {set(threading.enumerate()) - threads_before}")
 
 
-
 def balanced_config(tmp_path, app_script, lb_port: int, instances: int = 2, **listener) -> dict:
     base = free_port_range(instances)
     app = http_app_config(app_script, "web", instances, base)
@@ -76,9 +66,9 @@ def test_a_request_through_the_runtime_reaches_each_backend(tmp_path, app_script
     lb_port = free_port()
     runtime.apply(config(tmp_path, balanced_config(tmp_path, app_script, lb_port)))
     wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
-    bodies = {get(lb_port)[1] for _ in range(4)}
+    bodies = {get(lb_port).text for _ in range(4)}
     assert len(bodies) == 2  # round robin reached both instances
-    assert all(status == 200 for status, _ in (get(lb_port) for _ in range(2)))
+    assert all(get(lb_port).status == 200 for _ in range(2))
     status = runtime.lb_status()
     assert status[0]["port"] == lb_port and status[0]["backends_up"] == 2 and status[0]["backends_total"] == 2
     wait_until(lambda: runtime.lb_stats()["requests"] >= 6, message="requests counted")
@@ -103,11 +93,11 @@ def test_drain_keeps_new_requests_off_a_backend_and_enable_brings_it_back(tmp_pa
     wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
     result = runtime.lb_drain("web-1")
     assert [(b["instance"], b["state"]) for b in result["backends"]] == [("web-1", "draining")]
-    assert {get(lb_port)[1] for _ in range(6)} == {get(lb_port)[1]}  # one backend answers everything
+    assert {get(lb_port).text for _ in range(6)} == {get(lb_port).text}  # one backend answers everything
     assert [b["state"] for b in runtime.lb_backends()] == ["up", "draining"]
     address = runtime.lb_backends()[1]["address"]
     runtime.lb_enable(address)
-    assert len({get(lb_port)[1] for _ in range(4)}) == 2
+    assert len({get(lb_port).text for _ in range(4)}) == 2
     with pytest.raises(ValueError, match="unknown backend 'web-7'.*web-0, web-1"):
         runtime.lb_drain("web-7")
 
@@ -118,7 +108,7 @@ def test_a_stopped_instance_leaves_the_pool_at_once(tmp_path, app_script, runtim
     wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
     runtime.supervisor.proxy().stop("web-0").get()
     wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["down", "up"], message="web-0 down")
-    assert {status for status, _ in (get(lb_port) for _ in range(5))} == {200}
+    assert {get(lb_port).status for _ in range(5)} == {200}
     runtime.supervisor.proxy().restart("web-0").get()
     wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="web-0 back")
 
@@ -142,10 +132,10 @@ def test_backend_failures_open_the_breaker_and_the_balancer_answers_503(tmp_path
                            circuit_breaker={"enabled": True, "failure_threshold": 3, "recovery_timeout": 60000})
     runtime.apply(config(tmp_path, data))
     wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up")
-    assert [get(lb_port, "/status/500")[0] for _ in range(3)] == [500, 500, 500]
+    assert [get(lb_port, "/status/500").status for _ in range(3)] == [500, 500, 500]
     wait_until(lambda: runtime.lb_backends()[0]["state"] == "open", message="breaker open")
     assert runtime.lb_backends()[0]["breaker"] == "open"
-    assert get(lb_port)[0] == 503
+    assert get(lb_port).status == 503
 
 
 def test_shutdown_with_listeners_leaves_no_process_or_thread(tmp_path, app_script):
@@ -157,7 +147,7 @@ def test_shutdown_with_listeners_leaves_no_process_or_thread(tmp_path, app_scrip
                                                   circuit_breaker={"enabled": True},
                                                   rate_limiting={"enabled": True, "requests_per_second": 100})))
         wait_until(lambda: [b["state"] for b in rt.lb_backends()] == ["up", "up"], message="both backends up")
-        assert get(lb_port)[0] == 200
+        assert get(lb_port).status == 200
     finally:
         rt.shutdown()
     assert descendants(os.getpid()) == []
@@ -194,7 +184,7 @@ def test_health_aware_ejects_a_failing_backend_for_the_quarantine(tmp_path, app_
     failed = int(response.getheader("X-Instance"))
     wait_until(lambda: runtime.lb_backends()[failed]["state"] == "down", timeout=1, message="ejected at once")
     other = f"instance {1 - failed}"
-    assert all(get(lb_port)[1].startswith(other) for _ in range(4))
+    assert all(get(lb_port).text.startswith(other) for _ in range(4))
     wait_until(lambda: runtime.lb_backends()[failed]["state"] == "up", timeout=4, message="back after quarantine")
 
 
@@ -219,7 +209,7 @@ def test_rate_limited_requests_get_429_and_are_counted(tmp_path, app_script, run
                            rate_limiting={"enabled": True, "requests_per_second": 1, "burst_size": 2})
     runtime.apply(config(tmp_path, data))
     wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up")
-    statuses = [get(lb_port)[0] for _ in range(5)]
+    statuses = [get(lb_port).status for _ in range(5)]
     assert statuses[:2] == [200, 200] and 429 in statuses[2:]
     refused = statuses.count(429)
     wait_until(lambda: runtime.lb_status()[0]["rate_limiting"]["refused"] == refused, message="refusals counted")

@@ -6,15 +6,16 @@ stopped instance. Also `ip_hash` with `session_affinity` (decisions.md section 8
 """
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
 import ssl
+from contextlib import closing
 from pathlib import Path
 
 import trustme
 from support.configs import http_app_config, write_config
+from support.http import Reply, get, https
 from support.paths import REPO
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
@@ -33,30 +34,6 @@ def sticky_config(tmp_path: Path, app_script: Path, instances: int = 3, **listen
     return write_config(tmp_path, {"apps": [app], "load_balancer": balancer}), lb_port
 
 
-class Reply:
-    def __init__(self, response: http.client.HTTPResponse):
-        self.status = response.status
-        self.backend = response.getheader("X-Backend")
-        self.set_cookie = response.getheader("Set-Cookie")
-        self.body = response.read()
-
-    def cookie(self, name: str = "PMDAEMON_SESSION") -> str:
-        """The value the Set-Cookie header gives `name`."""
-        assert self.set_cookie, "the response sets no cookie"
-        pair = self.set_cookie.split(";", 1)[0]
-        assert pair.startswith(name + "="), self.set_cookie
-        return pair[len(name) + 1:]
-
-
-def get(port: int, headers: dict | None = None, source: str = "127.0.0.1") -> Reply:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
-    try:
-        connection.request("GET", "/", headers=headers or {})
-        return Reply(connection.getresponse())
-    finally:
-        connection.close()
-
-
 def with_cookie(value: str, name: str = "PMDAEMON_SESSION") -> dict:
     return {"Cookie": f"{name}={value}"}
 
@@ -72,8 +49,9 @@ def wait_states(pmdaemon, expected: list[str], timeout: float = 15.0) -> list[di
     return wait_until(check, timeout, interval=0.1, message=f"backend states {expected}")
 
 
-def port_of(row: dict) -> str:
-    return row["address"].rsplit(":", 1)[1]
+def port_of(row: dict) -> int:
+    """The port of a `lb backends` row, as `Reply.backend` gives the port that answered."""
+    return int(row["address"].rsplit(":", 1)[1])
 
 
 def test_a_cookie_pins_a_client_and_others_are_balanced_round_robin(tmp_path, app_script, foreground_daemon, pmdaemon):
@@ -87,9 +65,9 @@ def test_a_cookie_pins_a_client_and_others_are_balanced_round_robin(tmp_path, ap
     assert attributes[0].startswith("PMDAEMON_SESSION=")
     assert set(attributes[1:]) == {f"Max-Age={SESSION_TIMEOUT}", "Path=/", "HttpOnly", "SameSite=Lax"}
     value = first.cookie()
-    assert all(port_of(row) not in value and "127.0.0.1" not in value for row in rows)  # opaque
+    assert all(str(port_of(row)) not in value and "127.0.0.1" not in value for row in rows)  # opaque
 
-    pinned = [get(lb_port, with_cookie(value)) for _ in range(8)]
+    pinned = [get(lb_port, headers=with_cookie(value)) for _ in range(8)]
     assert {reply.backend for reply in pinned} == {first.backend}
     assert all(reply.set_cookie is None for reply in pinned)  # a valid pin is not re-issued
 
@@ -106,15 +84,15 @@ def test_the_session_header_pins_by_id_and_names_are_configurable(tmp_path, app_
     wait_states(pmdaemon, ["up", "up", "up"])
     placed = {}
     for session in ("alice", "bob", "carol", "dave"):
-        replies = [get(lb_port, {"X-Client-Session": session}) for _ in range(4)]
+        replies = [get(lb_port, headers={"X-Client-Session": session}) for _ in range(4)]
         assert len({reply.backend for reply in replies}) == 1, f"session {session} moved between backends"
         placed[session] = replies[0].backend
     assert len(set(placed.values())) == 3  # new ids are balanced round robin, not all on one backend
     # The cookie carries the configured name, and its value also works as a session id.
     reply = get(lb_port)
     value = reply.cookie("APPSID")
-    assert {get(lb_port, {"X-Client-Session": value}).backend for _ in range(4)} == {reply.backend}
-    assert {get(lb_port, with_cookie(value, "APPSID")).backend for _ in range(4)} == {reply.backend}
+    assert {get(lb_port, headers={"X-Client-Session": value}).backend for _ in range(4)} == {reply.backend}
+    assert {get(lb_port, headers=with_cookie(value, "APPSID")).backend for _ in range(4)} == {reply.backend}
 
 
 def test_forged_or_foreign_cookies_are_balanced_normally_and_replaced(tmp_path, app_script, foreground_daemon,
@@ -125,12 +103,12 @@ def test_forged_or_foreign_cookies_are_balanced_normally_and_replaced(tmp_path, 
     value = get(lb_port).cookie()
     flipped = value[:-2] + ("A" if value[-2] != "A" else "B") + value[-1]
     forgeries = [flipped, value[:-1], "not-a-session", "", value + "x", "\u00e9t\u00e9"]
-    replies = [get(lb_port, {"Cookie": "PMDAEMON_SESSION=" + forged.encode("utf-8").decode("latin-1")})
+    replies = [get(lb_port, headers={"Cookie": "PMDAEMON_SESSION=" + forged.encode("utf-8").decode("latin-1")})
                for forged in forgeries]
     assert all(reply.status == 200 for reply in replies)
     assert {reply.backend for reply in replies} == {port_of(row) for row in rows}  # round robin
     for reply in replies:  # each gets a genuine cookie that pins it from now on
-        assert {get(lb_port, with_cookie(reply.cookie())).backend for _ in range(2)} == {reply.backend}
+        assert {get(lb_port, headers=with_cookie(reply.cookie())).backend for _ in range(2)} == {reply.backend}
 
 
 def test_a_cookie_older_than_the_session_timeout_no_longer_pins(tmp_path, app_script, foreground_daemon, pmdaemon):
@@ -139,10 +117,10 @@ def test_a_cookie_older_than_the_session_timeout_no_longer_pins(tmp_path, app_sc
     rows = wait_states(pmdaemon, ["up", "up", "up"])
     first = get(lb_port)
     assert "Max-Age=1" in first.set_cookie
-    assert get(lb_port, with_cookie(first.cookie())).backend == first.backend
-    wait_until(lambda: get(lb_port, with_cookie(first.cookie())).set_cookie, 5, interval=0.2,
+    assert get(lb_port, headers=with_cookie(first.cookie())).backend == first.backend
+    wait_until(lambda: get(lb_port, headers=with_cookie(first.cookie())).set_cookie, 5, interval=0.2,
                message="the cookie to go stale (re-issued)")
-    replies = [get(lb_port, with_cookie(first.cookie())) for _ in range(6)]
+    replies = [get(lb_port, headers=with_cookie(first.cookie())) for _ in range(6)]
     assert {reply.backend for reply in replies} == {port_of(row) for row in rows}  # balanced, not pinned
     assert all(reply.set_cookie for reply in replies)
 
@@ -159,16 +137,16 @@ def test_a_stopped_pinned_backend_is_rebalanced_and_the_cookie_reissued(tmp_path
     assert pmdaemon("stop", victim).returncode == 0
     wait_until(lambda: {r["instance"]: r["state"] for r in backends(pmdaemon)}[victim] == "down",
                message=f"{victim} down")
-    moved = get(lb_port, with_cookie(old_cookie))
+    moved = get(lb_port, headers=with_cookie(old_cookie))
     assert moved.status == 200 and moved.backend != first.backend
     new_cookie = moved.cookie()  # re-issued for the new backend
     assert new_cookie != old_cookie
-    assert {get(lb_port, with_cookie(new_cookie)).backend for _ in range(4)} == {moved.backend}
+    assert {get(lb_port, headers=with_cookie(new_cookie)).backend for _ in range(4)} == {moved.backend}
     # The instance comes back: the re-issued cookie keeps its new backend, the old one returns home.
     assert pmdaemon("restart", victim).returncode == 0
     wait_states(pmdaemon, ["up", "up", "up"])
-    assert {get(lb_port, with_cookie(new_cookie)).backend for _ in range(4)} == {moved.backend}
-    assert get(lb_port, with_cookie(old_cookie)).backend == first.backend
+    assert {get(lb_port, headers=with_cookie(new_cookie)).backend for _ in range(4)} == {moved.backend}
+    assert get(lb_port, headers=with_cookie(old_cookie)).backend == first.backend
 
 
 def test_drain_keeps_pinned_clients_and_sends_new_ones_elsewhere(tmp_path, app_script, foreground_daemon, pmdaemon):
@@ -180,17 +158,17 @@ def test_drain_keeps_pinned_clients_and_sends_new_ones_elsewhere(tmp_path, app_s
     drained = next(row for row in rows if port_of(row) == first.backend)
     # A session id placed on the same backend (new ids go round robin, so one of three lands there).
     header_session = next(session for session in (f"s{i}" for i in range(6))
-                          if get(lb_port, {"X-Session-ID": session}).backend == first.backend)
+                          if get(lb_port, headers={"X-Session-ID": session}).backend == first.backend)
 
     drain = pmdaemon.json("lb", "drain", drained["instance"])
     assert [(row["instance"], row["state"]) for row in drain["backends"]] == [(drained["instance"], "draining")]
     assert [row["state"] for row in backends(pmdaemon)].count("draining") == 1
 
-    kept = [get(lb_port, with_cookie(cookie)) for _ in range(5)]
+    kept = [get(lb_port, headers=with_cookie(cookie)) for _ in range(5)]
     assert {reply.backend for reply in kept} == {first.backend}  # existing sessions stay until they end
     assert all(reply.set_cookie is None for reply in kept)
-    assert {get(lb_port, {"X-Session-ID": header_session}).backend for _ in range(3)} == {first.backend}
-    newcomers = [get(lb_port) for _ in range(8)] + [get(lb_port, {"X-Session-ID": f"new{i}"}) for i in range(4)]
+    assert {get(lb_port, headers={"X-Session-ID": header_session}).backend for _ in range(3)} == {first.backend}
+    newcomers = [get(lb_port) for _ in range(8)] + [get(lb_port, headers={"X-Session-ID": f"new{i}"}) for i in range(4)]
     assert first.backend not in {reply.backend for reply in newcomers}
     assert len({reply.backend for reply in newcomers}) == 2
 
@@ -212,16 +190,12 @@ def test_under_tls_the_cookie_is_secure(tmp_path, app_script, foreground_daemon,
     ca.configure_trust(context)
 
     def get_tls(headers: dict | None = None) -> Reply:
-        connection = http.client.HTTPSConnection("127.0.0.1", lb_port, timeout=10, context=context)
-        try:
-            connection.request("GET", "/", headers=headers or {})
-            return Reply(connection.getresponse())
-        finally:
-            connection.close()
+        with closing(https(lb_port, context)) as connection:
+            return get(connection, headers=headers)
 
     first = get_tls()
     assert "Secure" in [part.strip() for part in first.set_cookie.split(";")]
-    assert {get_tls(with_cookie(first.cookie())).backend for _ in range(4)} == {first.backend}
+    assert {get_tls(headers=with_cookie(first.cookie())).backend for _ in range(4)} == {first.backend}
 
 
 def test_cookies_survive_a_daemon_restart(tmp_path, app_script, foreground_daemon, pmdaemon, pmdaemon_home):
@@ -239,7 +213,7 @@ def test_cookies_survive_a_daemon_restart(tmp_path, app_script, foreground_daemo
     foreground_daemon(config)
     wait_states(pmdaemon, ["up", "up", "up"])
     for backend, cookie in cookies.items():
-        replies = [get(lb_port, with_cookie(cookie)) for _ in range(3)]
+        replies = [get(lb_port, headers=with_cookie(cookie)) for _ in range(3)]
         assert {reply.backend for reply in replies} == {backend}
         assert all(reply.set_cookie is None for reply in replies)
 
@@ -287,5 +261,6 @@ def test_the_sticky_sessions_example_runs(tmp_path, pmdaemon):
     status = pmdaemon.json("lb", "status")
     assert [(row["port"], row["strategy"]) for row in status] == [(lb_port, "sticky_sessions")]
     reply = get(lb_port)
-    assert {get(lb_port, with_cookie(reply.cookie())).backend for _ in range(4)} == {reply.backend}
-    assert {get(lb_port, {"X-Session-ID": "abc"}).backend for _ in range(4)} == {get(lb_port, {"X-Session-ID": "abc"}).backend}
+    assert {get(lb_port, headers=with_cookie(reply.cookie())).backend for _ in range(4)} == {reply.backend}
+    session = {"X-Session-ID": "abc"}
+    assert {get(lb_port, headers=session).backend for _ in range(4)} == {get(lb_port, headers=session).backend}

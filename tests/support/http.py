@@ -25,12 +25,15 @@ class Reply(NamedTuple):
         value = self.headers.get("X-Backend")
         return int(value) if value else None
 
+    @property
+    def set_cookie(self) -> str | None:
+        return self.headers.get("Set-Cookie")
+
     def cookie(self, name: str = "PMDAEMON_SESSION") -> str:
         """The value the Set-Cookie header gives `name` (the test fails if it sets no such cookie)."""
-        set_cookie = self.headers.get("Set-Cookie")
-        assert set_cookie, "the response sets no cookie"
-        pair = set_cookie.split(";", 1)[0]
-        assert pair.startswith(name + "="), set_cookie
+        assert self.set_cookie, "the response sets no cookie"
+        pair = self.set_cookie.split(";", 1)[0]
+        assert pair.startswith(name + "="), self.set_cookie
         return pair[len(name) + 1:]
 
 
