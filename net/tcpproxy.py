@@ -11,7 +11,7 @@ while a connect is retried.
 - Choosing: once per connection; `strategy.started` when chosen and `finished` when the connection
   ends, so `least_connections` counts open connections per backend (divided by weight).
 - Connect failures (refused, unreachable, `timeouts.connect`) move to another backend, at most
-  `retries.max_attempts` attempts in all, `retries.delay_before(n)` apart (decisions.md section 8).
+  `retries.max_attempts` attempts in all, apart as the listener's `RetryPolicy` says (net/retry.py).
   Each failed attempt is an `Outcome` (error connect/timeout) so breakers and health-aware strategies
   see it; when every attempt failed, the client is closed without a byte.
 - Backpressure: a side is not read while the other side holds more than `BUFFER_HIGH` unsent bytes;
@@ -40,9 +40,11 @@ from selectors import EVENT_READ
 from pmdaemon.net.accepting import accept_waiting
 from pmdaemon.net.channel import Channel
 from pmdaemon.config.model import ListenerConfig
-from pmdaemon.net.snapshot import Outcome, PoolSnapshot
+from pmdaemon.net.retry import Failure, RetryPolicy
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot, build_outcome
 from pmdaemon.net.tls import ServerHandshake, handshake_step
 from pmdaemon.net.tokenbucket import RateLimiter
+from pmdaemon.states import ErrorKind
 
 RECV_SIZE = 65536
 BUFFER_HIGH = 256 * 1024  # stop reading a side while the other side has this much unsent
@@ -77,8 +79,7 @@ class TcpListener:
         self.connect_timeout = timeouts.connect
         self.write_timeout = timeouts.write
         self.handshake_timeout = cfg.limits.header_timeout
-        self.retries = cfg.retries
-        self.max_attempts = max(1, cfg.retries.max_attempts)
+        self.retry_policy = RetryPolicy.from_config(cfg.retries)
         self.rate_limiter = RateLimiter.from_config(cfg.rate_limiting, loop.now) if cfg.rate_limiting.enabled else None
 
     # ---- accepting -----------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class TcpListener:
         limiter = self.rate_limiter
         if limiter is not None and limiter.check(ip, loop.now):
             sock.close()
-            loop.record(Outcome(self.index, -1, 0, 0.0, 0, 0, "rate_limited", ip, True))
+            loop.record(build_outcome(self.index, -1, ip, ErrorKind.RATE_LIMITED, lb_made=True))
             return False
         self.open += 1
         loop.gauge_clients(self.index, 1)
@@ -232,7 +233,7 @@ class BackendSide(Channel):
         self.tls_wants_write = False
         err = sock.connect_ex(address)
         if err not in (0, errno.EINPROGRESS):
-            self.loop.call_soon(session.connect_failed, self, "connect")
+            self.loop.call_soon(session.connect_failed, self, ErrorKind.CONNECT)
             return
         self.set_deadline(self.loop.now + session.listener.connect_timeout)
         self._update_events()
@@ -248,26 +249,27 @@ class BackendSide(Channel):
         if not self.tcp_connected:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self.session.connect_failed(self, "connect")
+                self.session.connect_failed(self, ErrorKind.CONNECT)
                 return
             self.tcp_connected = True
             if context is not None:
                 if self.events:
                     self.loop.selector.unregister(self.sock)
                     self.events = 0
-                self.sock = context.wrap_socket(self.sock, server_hostname=self.session.view.host,
-                                                do_handshake_on_connect=False)
+                view = self.session.view
+                assert view is not None  # chosen before this connect started
+                self.sock = context.wrap_socket(self.sock, server_hostname=view.host, do_handshake_on_connect=False)
         if context is not None:
             try:
                 if not handshake_step(self):
                     return
             except OSError:  # ssl.SSLError included: the certificate did not verify, or no TLS there
-                self.session.connect_failed(self, "connect")
+                self.session.connect_failed(self, ErrorKind.CONNECT)
                 return
         self.connected = True
         self.deadline = None
         self._update_events()
-        self.session.backend_connected()
+        self.session.backend_connected(self)
 
     def on_readable(self) -> None:
         if not self.connected:
@@ -278,7 +280,7 @@ class BackendSide(Channel):
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self.session.close("reset")
+            self.session.close(ErrorKind.RESET)
             return
         if data:
             self.session.from_backend(data)
@@ -290,20 +292,20 @@ class BackendSide(Channel):
 
     def on_timeout(self, now: float) -> None:
         if not self.connected:
-            self.session.connect_failed(self, "timeout")
+            self.session.connect_failed(self, ErrorKind.TIMEOUT)
         else:
             self.session.close(None)
 
     def on_write_timeout(self) -> None:
-        self.session.close("timeout")  # the backend stopped reading
+        self.session.close(ErrorKind.TIMEOUT)  # the backend stopped reading
 
     def on_error(self, exc: OSError) -> None:
         if self.session.backend_eof:
             self.session.close(None)  # it closed its end first: a write it refuses is not a failure
         elif self.connected:
-            self.session.close("reset")
+            self.session.close(ErrorKind.RESET)
         else:
-            self.session.connect_failed(self, "connect")
+            self.session.connect_failed(self, ErrorKind.CONNECT)
 
 
 class TcpSession:
@@ -323,7 +325,7 @@ class TcpSession:
         self.client = ClientSide(self, sock, listener.write_timeout)
         self.client.reading = False  # not read until a backend is connected
         self.backend: BackendSide | None = None
-        self.view = None
+        self.view: BackendView | None = None
         self.attempts = 0
         self.exclude: frozenset = frozenset()
         self.started = self.loop.now
@@ -344,8 +346,8 @@ class TcpSession:
         view = listener.choose(self.ip, self.exclude)
         if view is None:
             if self.attempts == 0:
-                self.loop.record(Outcome(listener.index, -1, 0, self.loop.now - self.started, 0, 0,
-                                         "no_backend", self.ip, True))
+                self.loop.record(build_outcome(listener.index, -1, self.ip, ErrorKind.NO_BACKEND,
+                                               latency=self.loop.now - self.started, lb_made=True))
             self._discard()
             return
         self.attempts += 1
@@ -357,35 +359,34 @@ class TcpSession:
             self.backend = BackendSide(self, address)
         except OSError:  # out of sockets
             self.backend = None
-            self.connect_failed(None, "connect")
+            self.connect_failed(None, ErrorKind.CONNECT)
 
-    def connect_failed(self, side: BackendSide | None, kind: str) -> None:
+    def connect_failed(self, side: BackendSide | None, kind: ErrorKind) -> None:
         """This attempt did not connect: count it as the backend's failure, then retry elsewhere."""
         if self.done or side is not self.backend:
             return
         listener = self.listener
         view = self.view
+        assert view is not None  # chosen before this attempt started
         if side is not None:
             side.close()
         self.backend = None
         listener.strategy.finished(view.index)
         self.loop.gauge_active(listener.index, view.index, -1)
         self.view = None
-        self.loop.record(Outcome(listener.index, view.index, 0, self.loop.now - self.started, 0, 0, kind,
-                                 self.ip, False))
+        self.loop.record(build_outcome(listener.index, view.index, self.ip, kind, latency=self.loop.now - self.started))
         self.exclude = self.exclude | {view.index}
-        if self.attempts >= listener.max_attempts:
+        delay = listener.retry_policy.next_delay(Failure.CONNECT, self.attempts)
+        if delay is None:
             self._discard()  # the failed attempt's Outcome is the connection's
             return
-        delay = listener.retries.delay_before(self.attempts + 1)
         if delay > 0:
             self.retry_timer = self.loop.call_later(delay, self._connect)
         else:
             self._connect()
 
-    def backend_connected(self) -> None:
+    def backend_connected(self, backend: BackendSide) -> None:
         listener = self.listener
-        backend = self.backend
         if listener.keep_alive:
             backend.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         client = self.client
@@ -394,7 +395,7 @@ class TcpSession:
             self._shut_backend()
             return
         client.resume_reading()
-        if self.tls and client.sock.pending():
+        if self.tls and isinstance(client.sock, ssl.SSLSocket) and client.sock.pending():
             self.loop.call_soon(client.on_readable)  # decrypted during the handshake, invisible to epoll
 
     # ---- shuttling -----------------------------------------------------------------------------
@@ -402,6 +403,7 @@ class TcpSession:
         self.bytes_in += len(data)
         self.client.set_deadline(self.loop.now + self.listener.idle_timeout)
         backend = self.backend
+        assert backend is not None  # the client is read only while its backend is connected
         backend.write(data)
         if backend.pending > BUFFER_HIGH:
             self.client.pause_reading()
@@ -411,7 +413,7 @@ class TcpSession:
         client = self.client
         client.set_deadline(self.loop.now + self.listener.idle_timeout)
         client.write(data)
-        if client.pending > BUFFER_HIGH:
+        if client.pending > BUFFER_HIGH and self.backend is not None:
             self.backend.pause_reading()
 
     def backend_drained(self) -> None:
@@ -436,7 +438,8 @@ class TcpSession:
 
     def backend_ended(self) -> None:
         self.backend_eof = True
-        self.backend.pause_reading()
+        if self.backend is not None:
+            self.backend.pause_reading()
         if not self.client.pending:
             self._shut_client()
 
@@ -445,6 +448,7 @@ class TcpSession:
             return
         self.backend_shut = True
         backend = self.backend
+        assert backend is not None  # shut only once connected
         try:
             if self.listener.backend_tls is not None and not self.backend_eof:
                 self._drain(backend)  # see net/tls.py: no record may arrive after our close_notify
@@ -452,7 +456,7 @@ class TcpSession:
                     return
             backend.sock.shutdown(socket.SHUT_WR)
         except OSError:  # ssl.SSLError included: the backend's data raced our close_notify
-            self.close("reset")
+            self.close(ErrorKind.RESET)
             return
         self._maybe_done()
 
@@ -493,14 +497,14 @@ class TcpSession:
             self.close(None)
 
     # ---- ending --------------------------------------------------------------------------------
-    def close(self, error: str | None) -> None:
+    def close(self, error: ErrorKind | None) -> None:
         """End the session: both sockets closed, one Outcome recorded."""
         if self.done:
             return
         view = self.view
-        self.loop.record(Outcome(self.listener.index, view.index if view is not None else -1, 0,
-                                 self.loop.now - self.started, self.bytes_in, self.bytes_out, error, self.ip,
-                                 False))
+        self.loop.record(build_outcome(self.listener.index, view.index if view is not None else -1, self.ip, error,
+                                       latency=self.loop.now - self.started, bytes_in=self.bytes_in,
+                                       bytes_out=self.bytes_out))
         self._discard()
 
     def _discard(self) -> None:
