@@ -9,6 +9,8 @@
 - `foreground_daemon`: a factory, `foreground_daemon(config_path)` starts
   `pmdaemon start <config> --no-daemon` in the background, waits until it has applied the config,
   and returns a `ForegroundDaemon` (its Popen and home). Teardown: SIGTERM, then kill by PID.
+- `runtime`: the daemon's Runtime in the test process (no control socket), home under tmp_path;
+  `runtime.apply(config)` starts apps and listeners, teardown shuts everything down.
 
 Every test collected here is marked `e2e`, so `-m "not e2e"` skips them all.
 """
@@ -21,6 +23,8 @@ import pytest
 from support.daemon import CLI, DEFAULT_TIMEOUT, ForegroundDaemon, PmdaemonRunner, daemon_env
 from support.paths import REPO
 from support.wait import wait_until
+
+from pmdaemon.control.runtime import Runtime
 
 E2E_DIR = Path(__file__).resolve().parent
 
@@ -77,3 +81,10 @@ def foreground_daemon(pmdaemon_home, tmp_path):
     yield start
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    rt = Runtime(tmp_path / "home")
+    yield rt
+    rt.shutdown()

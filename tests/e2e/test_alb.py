@@ -30,7 +30,6 @@ moto_elbv2 = pytest.importorskip("moto.elbv2.models")
 
 from pmdaemon.actors.alb import ENDPOINT_ENV, default_target_id  # noqa: E402
 from pmdaemon.config.loader import load_config  # noqa: E402
-from pmdaemon.control.runtime import Runtime  # noqa: E402
 
 REGION = "us-east-1"
 DUMMY_AWS_ENV = {
@@ -123,13 +122,6 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-@pytest.fixture
-def runtime(tmp_path):
-    rt = Runtime(tmp_path / "home")
-    yield rt
-    rt.shutdown()
 
 
 @pytest.mark.timeout(60)

@@ -29,13 +29,6 @@ HEALTH = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout":
 # -- in place, with traffic -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def runtime(tmp_path):
-    rt = Runtime(tmp_path / "home")
-    yield rt
-    rt.shutdown()
-
-
 def two_apps(app_script: Path, lb_port: int) -> dict:
     """web (3 instances) behind a round robin listener; api (2) defined but in no pool."""
     web = http_app_config(app_script, "web", 3, free_port_range(3), health_check=HEALTH)

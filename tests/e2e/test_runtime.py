@@ -19,13 +19,6 @@ from pmdaemon.config.loader import parse_config
 from pmdaemon.control.runtime import Runtime
 
 
-@pytest.fixture
-def runtime(tmp_path):
-    rt = Runtime(tmp_path / "home")
-    yield rt
-    rt.shutdown()
-
-
 def config(tmp_path: Path, data: dict):
     return parse_config(data, str(tmp_path / "pmdaemon.json"))
 

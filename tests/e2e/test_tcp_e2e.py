@@ -3,21 +3,18 @@ from __future__ import annotations
 
 import pytest
 from support.looprunner import TlsFiles, who
-from support.ports import free_port
+from support.paths import TCP_ECHO_APP
+from support.ports import free_port, free_port_range
 from support.proxyharness import connect
+from support.wait import wait_until
+
+from pmdaemon.config.loader import parse_config
 
 
 @pytest.mark.timeout(60)
-def test_tls_tcp_listener_through_the_runtime(tmp_path):
+def test_tls_tcp_listener_through_the_runtime(tmp_path, runtime):
     """tcp_echo instances run by the supervisor behind a TLS `type: "tcp"` listener from a config file:
     least_connections spreads held connections, `lb backends` counts them as active."""
-    from support.paths import TCP_ECHO_APP
-    from support.ports import free_port_range
-    from support.wait import wait_until
-
-    from pmdaemon.config.loader import parse_config
-    from pmdaemon.control.runtime import Runtime
-
     files = TlsFiles(tmp_path)
     base, lb_port = free_port_range(3), free_port()
     data = {
@@ -27,7 +24,6 @@ def test_tls_tcp_listener_through_the_runtime(tmp_path):
                           "apps": ["echo"], "health_check": {"interval": 0.2, "timeout": 1},
                           "ssl": {"enabled": True, "cert_file": str(files.cert_file), "key_file": str(files.key_file)}},
     }
-    runtime = Runtime(tmp_path / "home")
     held = []
     try:
         runtime.apply(parse_config(data, str(tmp_path / "pmdaemon.json")))
@@ -42,5 +38,3 @@ def test_tls_tcp_listener_through_the_runtime(tmp_path):
     finally:
         for sock in held:
             sock.close()
-        runtime.shutdown()
-

@@ -25,13 +25,6 @@ HEALTH = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout":
 BREAKABLE = TEST_APPS / "breakable.py"
 
 
-@pytest.fixture
-def runtime(tmp_path):
-    rt = Runtime(tmp_path / "home")
-    yield rt
-    rt.shutdown()
-
-
 def balanced(tmp_path: Path, script: Path, instances: int, env: dict | None = None,
              **app_options) -> tuple[dict, int, int]:
     """A config: `instances` of `script` (health-checked every 0.2 s) behind a listener, room for scaling
