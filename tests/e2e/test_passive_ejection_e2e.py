@@ -28,18 +28,18 @@ def test_after_its_first_500_a_backend_gets_no_more_requests(tmp_path, foregroun
 
     connection = http.client.HTTPConnection("127.0.0.1", lb_port, timeout=10)
     try:
-        def get() -> tuple[int, int, bool]:
+        def request() -> tuple[int, int, bool]:
             connection.request("GET", "/")
             response = connection.getresponse()
             response.read()
             return response.status, int(response.headers["X-Backend"]), response.will_close
 
-        first = [get() for _ in range(3)]  # round robin over three: one of them is the broken backend
+        first = [request() for _ in range(3)]  # round robin over three: one of them is the broken backend
         assert [(status, port) for status, port, _ in first if status == 500] == [(500, broken)], first
         assert served(broken) == 1
         following = []
         for _ in range(FOLLOWING):
-            following.append(get())
+            following.append(request())
             time.sleep(SPREAD / FOLLOWING)
     finally:
         connection.close()

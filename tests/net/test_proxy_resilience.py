@@ -7,7 +7,8 @@ import threading
 import time
 
 import pytest
-from support.proxyharness import connect, get, read_all, read_response
+from support.http import get
+from support.proxyharness import connect, read_all, read_response
 
 from pmdaemon.config.model import Retries, Timeouts
 
@@ -16,9 +17,9 @@ def test_stale_pooled_connection_is_not_a_backend_failure(backends, lb):
     (a,) = backends(1)
     proxy = lb([a])
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
-    assert get(conn, "/then-drop")[0].status == 200
-    resp, body = get(conn, "/after")  # pooled connection is dropped on arrival; re-sent on a fresh one
-    assert resp.status == 200 and body == b"a GET /after"
+    assert get(conn, "/then-drop").status == 200
+    reply = get(conn, "/after")  # pooled connection is dropped on arrival; re-sent on a fresh one
+    assert reply.status == 200 and reply.body == b"a GET /after"
     assert (a.accepts, a.dropped) == (2, 1)
     assert [o.status for o in proxy.outcomes()] == [200, 200]  # no failed attempt reported
 
@@ -27,9 +28,9 @@ def test_stale_pooled_connection_does_not_replay_a_post(backends, lb):
     (a,) = backends(1)
     proxy = lb([a])
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
-    assert get(conn, "/then-drop")[0].status == 200
-    resp, _ = get(conn, "/sha", "POST", body=b"once")
-    assert resp.status == 502 and a.dropped == 1
+    assert get(conn, "/then-drop").status == 200
+    reply = get(conn, "/sha", method="POST", body=b"once")
+    assert reply.status == 502 and a.dropped == 1
     assert len(a.requests) == 1
 
 
@@ -39,8 +40,8 @@ def test_retry_waits_the_configured_delay(backends, lb):
     a.stop()
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
     start = time.monotonic()
-    resp, body = get(conn, "/x")  # round robin starts at a (dead): one retry on b after 0.3 s
-    assert resp.status == 200 and body == b"b GET /x"
+    reply = get(conn, "/x")  # round robin starts at a (dead): one retry on b after 0.3 s
+    assert reply.status == 200 and reply.body == b"b GET /x"
     assert 0.28 < time.monotonic() - start < 2
 
 
@@ -50,8 +51,8 @@ def test_max_attempts_bounds_the_retries(backends, lb):
     a.stop()
     b.stop()
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
-    resp, body = get(conn, "/x")  # a, then b: both refuse; c is never tried
-    assert resp.status == 502 and b"cannot connect" in body
+    reply = get(conn, "/x")  # a, then b: both refuse; c is never tried
+    assert reply.status == 502 and b"cannot connect" in reply.body
     outcomes = proxy.outcomes()
     assert [(o.backend, o.status, o.error) for o in outcomes] == [(0, 0, "connect"), (1, 502, "connect")]
     assert outcomes[-1].lb_made
@@ -61,8 +62,8 @@ def test_invalid_response_gives_502_and_is_not_retried(backends, lb):
     a, b = backends(2)
     proxy = lb([a, b])
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
-    resp, body = get(conn, "/garbage")
-    assert resp.status == 502 and b"invalid response" in body
+    reply = get(conn, "/garbage")
+    assert reply.status == 502 and b"invalid response" in reply.body
     assert len(a.requests) + len(b.requests) == 1
     [outcome] = proxy.outcomes()
     assert outcome.error == "invalid_response"
@@ -89,9 +90,9 @@ def test_connect_timeout_moves_on_to_another_backend(backends, lb):
     try:
         conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
         start = time.monotonic()
-        resp, body = get(conn, "/x")
+        reply = get(conn, "/x")
         elapsed = time.monotonic() - start
-        assert resp.status == 200 and body == b"a GET /x"
+        assert reply.status == 200 and reply.body == b"a GET /x"
         assert 0.25 < elapsed < 3
         assert [(o.backend, o.error) for o in proxy.outcomes() if o.status == 0] == [(0, "timeout")]
     finally:
@@ -128,9 +129,9 @@ def test_removed_listener_finishes_in_flight_requests(backends, lb):
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
     thread.join(5)
-    resp, body = result["answer"]
-    assert resp.status == 200 and body == b"a GET /sleep/400"
-    assert resp.getheader("Connection") == "close"
+    reply = result["answer"]
+    assert reply.status == 200 and reply.body == b"a GET /sleep/400"
+    assert reply.headers.get("Connection") == "close"
 
 
 def test_a_failing_handler_costs_one_connection_not_the_loop(backends, lb, caplog):
@@ -154,8 +155,8 @@ def test_a_failing_handler_costs_one_connection_not_the_loop(backends, lb, caplo
         sock.sendall(b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_all(sock) == b""  # that connection is closed
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
-    resp, body = get(conn, "/fine")
-    assert resp.status == 200 and body == b"a GET /fine"
+    reply = get(conn, "/fine")
+    assert reply.status == 200 and reply.body == b"a GET /fine"
     assert "strategy bug" in caplog.text
 
 

@@ -4,7 +4,6 @@ tests/net/conftest.py builds its `backends` and `lb` factory fixtures on them.
 """
 from __future__ import annotations
 
-import http.client
 import socket
 import time
 
@@ -22,13 +21,6 @@ class LB(RunningLoop):
     def outcomes(self, wait: float = 0.2) -> list:
         time.sleep(wait)
         return super().outcomes()
-
-
-def get(conn: http.client.HTTPConnection, path: str, method: str = "GET", **kw):
-    """One request on `conn`: (response, whole body)."""
-    conn.request(method, path, **kw)
-    resp = conn.getresponse()
-    return resp, resp.read()
 
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:
