@@ -1,6 +1,6 @@
 """`reload <app>` and `scale` with traffic flowing: no failed request, no connection error.
 
-Real instances (examples/apps/server.py) behind a real listener, real clients (tests/loadclient.py:
+Real instances (examples/apps/server.py) behind a real listener, real clients (tests/support/loadclient.py:
 keep-alive and fresh connections, http.client, short timeouts). Most tests drive the Runtime the way
 the daemon does; the last one goes through the `pmdaemon` command line.
 """
