@@ -732,8 +732,6 @@ def test_counters_never_go_down_across_reload_config(foreground_daemon, pmdaemon
         config["load_balancer"]["strategy"] = "least_connections"
         config["load_balancer"]["health_check"]["interval"] = 0.3
         result = pmdaemon("reload", f"--config={write_config(tmp_path, config, 'changed.json')}", "--json")
-        if result.returncode == 1 and "not available in this build" in result.stderr:
-            pytest.skip("reload --config is not in this build yet")
         assert result.returncode == 0, result.stderr
         assert port in json.loads(result.stdout)["listeners"]["kept"]
         [listener] = pmdaemon.json("lb", "status")
@@ -781,8 +779,6 @@ def test_per_backend_counters_follow_their_backend_across_reload_and_scale(foreg
 
     config["apps"][0]["instances"] = 3
     result = pmdaemon("reload", f"--config={write_config(tmp_path, config, 'three.json')}")
-    if result.returncode == 1 and "not available in this build" in result.stderr:
-        pytest.skip("reload --config is not in this build yet")
     assert result.returncode == 0, result.stderr
     wait_backends_up(pmdaemon, port, count=3)
     assert send(port, count=30) == [200] * 30
