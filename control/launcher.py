@@ -16,8 +16,8 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pmdaemon.control.protocol import CommandFailed, ControlClient, DaemonNotRunning
 

@@ -150,8 +150,8 @@ def render_stats(stats: dict, colour: bool) -> str:
         ("responses", "  ".join(f"{cls} {n}" for cls, n in responses.items()) or None),
         ("errors", errors),
         ("bytes in/out", f"{format_bytes(stats.get('bytes_in') or 0)} / {format_bytes(stats.get('bytes_out') or 0)}"),
-        ("latency", "  ".join(f"{q} {format_ms(latency[q])}" for q in ("p50", "p95", "p99") if latency.get(q) is not None)
-         or None),
+        ("latency", "  ".join(f"{q} {format_ms(latency[q])}" for q in ("p50", "p95", "p99")
+                              if latency.get(q) is not None) or None),
         ("requests/s", None if stats.get("requests_per_second") is None else f"{stats['requests_per_second']:.2f}"),
         ("active connections", stats.get("active_connections")),
     ]

@@ -17,8 +17,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pmdaemon.control.protocol import (EXIT_RUNTIME, EXIT_USAGE, MAX_MESSAGE_SIZE, CommandFailed, LineBuffer,
                                        ProtocolError, decode_request, encode_error, encode_result)
@@ -170,7 +170,7 @@ class ControlServer:
         while True:
             try:
                 data = conn.recv(65536)
-            except (socket.timeout, ConnectionResetError):
+            except (TimeoutError, ConnectionResetError):
                 return
             if not data:
                 return
