@@ -15,17 +15,10 @@ import pytest
 from support.alerts import rule
 from support.ports import free_port
 
-from pmdaemon.actors.alerter import (
-    FIRING,
-    Alerter,
-    DeliveryPolicy,
-    Notification,
-    PermanentFailure,
-    send_email,
-    values_from,
-)
+from pmdaemon.actors.alerter import Alerter, DeliveryPolicy, Notification, PermanentFailure, send_email, values_from
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.config.model import AlertRule, AlertsConfig, BackendConfig, ListenerConfig, SmtpConfig
+from pmdaemon.states import AlertState
 
 FAST = DeliveryPolicy(timeout=5.0, attempts=3, retry_delay=0.05)
 
@@ -90,8 +83,6 @@ def webhooks():
     yield hooks
     pykka.ActorRegistry.stop_all()
     hooks.close()
-
-
 
 
 @pytest.mark.timeout(20)
@@ -254,7 +245,7 @@ def test_a_missing_password_variable_is_a_clear_error_naming_the_variable(monkey
     smtp = SmtpConfig(host="127.0.0.1", port=free_port(), username="alerts", password_env="PMDAEMON_TEST_UNSET_PASSWORD")
     r = rule(action="email", recipients=("admin@example.test",))
     with pytest.raises(PermanentFailure, match="PMDAEMON_TEST_UNSET_PASSWORD"):
-        send_email(smtp, r.recipients, Notification(r, FIRING, 1, time.time(), listener(r)), timeout=1.0)
+        send_email(smtp, r.recipients, Notification(r, AlertState.FIRING, 1, time.time(), listener(r)), timeout=1.0)
 
 
 def _alerter_log(caplog) -> list[str]:

@@ -13,7 +13,8 @@ from support.wait import wait_until
 from pmdaemon.actors.breaker import CircuitBreaker
 from pmdaemon.actors.messages import BackendOutcomes
 from pmdaemon.config.model import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
-from pmdaemon.net.snapshot import HALF_OPEN, OPEN, UP, Outcome
+from pmdaemon.net.snapshot import Outcome
+from pmdaemon.states import BackendState
 
 CHECK = HealthCheckConfig(interval=0.2, timeout=1.0)
 
@@ -33,7 +34,7 @@ def breaker_pool():
                                              half_open_requests=2))
     pool = Pool(listener)
     breaker = CircuitBreaker.start(listener, pool.listener, pool.timers)
-    wait_until(lambda: pool.states() == [UP, UP], message="both backends up")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.UP], message="both backends up")
     yield pool, breaker
     breaker.stop()
     pool.close()
@@ -45,25 +46,25 @@ def test_opens_after_threshold_consecutive_failures_and_half_opens_after_recover
     pool, breaker = breaker_pool
     breaker.tell(BackendOutcomes((outcome(0, 502, "connect"), outcome(0, 500), outcome(1))))
     time.sleep(0.1)
-    assert pool.states() == [UP, UP]  # two failures: below the threshold of three
+    assert pool.states() == [BackendState.UP, BackendState.UP]  # two failures: below the threshold of three
     breaker.tell(BackendOutcomes((outcome(0, 504, "timeout"),)))
-    wait_until(lambda: pool.states() == [OPEN, UP], timeout=0.5, message="breaker open")
+    wait_until(lambda: pool.states() == [BackendState.OPEN, BackendState.UP], timeout=0.5, message="breaker open")
     opened_at = time.monotonic()
-    wait_until(lambda: pool.states() == [HALF_OPEN, UP], timeout=2, message="breaker half-open")
+    wait_until(lambda: pool.states() == [BackendState.HALF_OPEN, BackendState.UP], timeout=2, message="breaker half-open")
     assert time.monotonic() - opened_at >= 0.4
     assert pool.snapshots[-1].backends[0].half_open_slots == 2
     breaker.tell(BackendOutcomes((outcome(0), outcome(0))))  # both trials succeed
-    wait_until(lambda: pool.states() == [UP, UP], timeout=0.5, message="breaker closed")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.UP], timeout=0.5, message="breaker closed")
 
 
 def test_a_failed_trial_reopens_and_restarts_the_timer(breaker_pool):
     pool, breaker = breaker_pool
     breaker.tell(BackendOutcomes(tuple(outcome(1, 503) for _ in range(3))))
-    wait_until(lambda: pool.states() == [UP, OPEN], timeout=0.5, message="breaker open")
-    wait_until(lambda: pool.states() == [UP, HALF_OPEN], timeout=2, message="breaker half-open")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.OPEN], timeout=0.5, message="breaker open")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.HALF_OPEN], timeout=2, message="breaker half-open")
     breaker.tell(BackendOutcomes((outcome(1, 0, "reset"),)))
-    wait_until(lambda: pool.states() == [UP, OPEN], timeout=0.5, message="breaker open again")
-    wait_until(lambda: pool.states() == [UP, HALF_OPEN], timeout=2, message="breaker half-open again")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.OPEN], timeout=0.5, message="breaker open again")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.HALF_OPEN], timeout=2, message="breaker half-open again")
 
 
 def test_responses_the_balancer_made_never_count(breaker_pool):
@@ -71,5 +72,5 @@ def test_responses_the_balancer_made_never_count(breaker_pool):
     made = tuple(outcome(0, 503, "no_backend", lb_made=True) for _ in range(5))
     breaker.tell(BackendOutcomes(made + tuple(outcome(-1, 429, "rate_limited", lb_made=True) for _ in range(5))))
     time.sleep(0.2)
-    assert pool.states() == [UP, UP]
+    assert pool.states() == [BackendState.UP, BackendState.UP]
     assert [s["state"] for s in breaker.proxy().states().get()] == ["closed", "closed"]

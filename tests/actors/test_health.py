@@ -10,7 +10,7 @@ from support.tinybackend import TinyBackend
 from support.wait import wait_until
 
 from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
-from pmdaemon.net.snapshot import DOWN, UP
+from pmdaemon.states import BackendState
 
 
 @pytest.fixture
@@ -38,40 +38,40 @@ def test_backend_starts_down_and_comes_up_at_its_first_passing_check(make_pool):
         backend.health_status = 503
         pool = make_pool(checked(backend.port))
         wait_until(lambda: backend.health_requests >= 2, message="two failing checks")
-        assert pool.states() == [DOWN]
+        assert pool.states() == [BackendState.DOWN]
         assert pool.health()[0]["last_error"] == "status 503"
         backend.health_status = 200
-        wait_until(lambda: pool.states() == [UP], message="backend up")
+        wait_until(lambda: pool.states() == [BackendState.UP], message="backend up")
         assert pool.health()[0]["state"] == "up"
 
 
 def test_down_after_failure_threshold_failed_rounds_then_up_again(make_pool):
     with TinyBackend() as backend:
         pool = make_pool(checked(backend.port, interval=0.1, failure_threshold=3))
-        wait_until(lambda: pool.states() == [UP], message="backend up")
+        wait_until(lambda: pool.states() == [BackendState.UP], message="backend up")
         backend.health_status = 500
         failing_from = backend.health_requests
-        wait_until(lambda: pool.states() == [DOWN], message="backend down")
+        wait_until(lambda: pool.states() == [BackendState.DOWN], message="backend down")
         assert backend.health_requests - failing_from >= 3  # three failed rounds, not one
         assert pool.health()[0]["consecutive_failures"] >= 3
         backend.health_status = 204
-        wait_until(lambda: pool.states() == [UP], message="backend up again")
+        wait_until(lambda: pool.states() == [BackendState.UP], message="backend up again")
 
 
 def test_a_round_is_a_probe_plus_retries_and_fails_only_when_all_fail(make_pool):
     with TinyBackend() as backend:
         pool = make_pool(checked(backend.port, interval=0.3, retries=2, failure_threshold=1))
-        wait_until(lambda: pool.states() == [UP], message="backend up")
+        wait_until(lambda: pool.states() == [BackendState.UP], message="backend up")
         backend.health_status = 500
         before = backend.health_requests
-        wait_until(lambda: pool.states() == [DOWN], message="backend down")
+        wait_until(lambda: pool.states() == [BackendState.DOWN], message="backend down")
         assert backend.health_requests - before == 3  # probe + 2 immediate re-probes, one round
 
 
 def test_url_with_port_placeholder_is_checked_on_the_backend_port(make_pool):
     with TinyBackend() as backend:
         pool = make_pool(checked(backend.port, url="http://localhost:{{PORT}}/health?deep=1"))
-        wait_until(lambda: pool.states() == [UP], message="backend up")
+        wait_until(lambda: pool.states() == [BackendState.UP], message="backend up")
         assert pool.health()[0]["check"] == f"GET http://localhost:{backend.port}/health?deep=1"
 
 
@@ -79,21 +79,21 @@ def test_backend_without_check_is_up_once_its_port_accepts_and_down_when_it_clos
     port = free_port()
     pool = make_pool(BackendConfig("127.0.0.1", port))
     time.sleep(0.7)  # more than one connect-probe interval while nothing listens
-    assert pool.states() == [DOWN]
+    assert pool.states() == [BackendState.DOWN]
     backend = TinyBackend(port=port)
     try:
-        wait_until(lambda: pool.states() == [UP], message="backend up when its port accepts")
+        wait_until(lambda: pool.states() == [BackendState.UP], message="backend up when its port accepts")
     finally:
         backend.close()
-    wait_until(lambda: pool.states() == [DOWN], timeout=8, message="backend down once its port closed")
+    wait_until(lambda: pool.states() == [BackendState.DOWN], timeout=8, message="backend down once its port closed")
 
 
 def test_a_hanging_backend_does_not_delay_the_checks_of_the_others(make_pool):
     with TinyBackend("slow") as slow, TinyBackend("fast") as fast:
         slow.hang_health = True
         pool = make_pool(checked(slow.port, timeout=3.0), checked(fast.port))
-        wait_until(lambda: pool.states()[1] == UP, timeout=1.5, message="the fast backend up")
-        assert pool.states()[0] == DOWN
+        wait_until(lambda: pool.states()[1] == BackendState.UP, timeout=1.5, message="the fast backend up")
+        assert pool.states()[0] == BackendState.DOWN
         wait_until(lambda: fast.health_requests >= 4, timeout=3, message="the fast backend checked on")
 
 

@@ -9,7 +9,8 @@ from support.wait import wait_until
 from pmdaemon.actors.health import HealthProbe
 from pmdaemon.actors.messages import InstanceEvent
 from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
-from pmdaemon.net.snapshot import DOWN, DRAINING, UP
+from pmdaemon.states import BackendState
+
 
 CHECK = HealthCheckConfig(interval=0.2, timeout=1.0, failure_threshold=2)
 
@@ -22,21 +23,21 @@ def test_a_replaced_pool_keeps_what_it_knew_of_each_backend_and_its_id():
     try:
         for name in ("web-0", "web-1", "web-2"):  # web-2 runs, but is in no pool yet
             pool.listener.tell(InstanceEvent(name, "web", "online", None, None))
-        wait_until(lambda: pool.states() == [UP, UP], message="both up")
+        wait_until(lambda: pool.states() == [BackendState.UP, BackendState.UP], message="both up")
         pool.listener.proxy().drain([1]).get()
 
         pool.probe.stop()
         config = ListenerConfig(index=0, port=free_port(), backends=(backends[1], backends[2]))
         rows = pool.listener.proxy().replace_pool(config).get()
         assert [(b.index, b.port, b.state) for b in pool.snapshots[-1].backends] == \
-            [(1, servers[1].port, DRAINING), (2, servers[2].port, DOWN)]  # web-1 keeps id 1; web-2 a new id
-        seeded = [(row["process"] == "online", row["healthy"]) for row in rows]
+            [(1, servers[1].port, BackendState.DRAINING), (2, servers[2].port, BackendState.DOWN)]  # web-1 keeps id 1; web-2 a new id
+        seeded = [(row.process == "online", row.healthy) for row in rows]
         assert seeded == [(True, True), (True, False)]
         pool.probe = HealthProbe.start(config, pool.listener, None, pool.timers, seeded=seeded)
         pool.listener.proxy().attach_probe(pool.probe).get()
-        wait_until(lambda: pool.states() == [DRAINING, UP], message="web-2 up after its first check")
+        wait_until(lambda: pool.states() == [BackendState.DRAINING, BackendState.UP], message="web-2 up after its first check")
         servers[1].health_status = 503  # the seeded probe knows web-1 was up: failing checks take it down
-        wait_until(lambda: pool.states() == [DOWN, UP], message="web-1 down")
+        wait_until(lambda: pool.states() == [BackendState.DOWN, BackendState.UP], message="web-1 down")
     finally:
         pool.close()
         for server in servers:

@@ -226,7 +226,7 @@ def test_stop_leaves_no_process_of_the_tree_behind(supervisor, tmp_path):
     processes = family(supervisor, tmp_path)
     assert supervisor.stop("fam").get() == ["fam-0"]
     [stopped] = settle(supervisor, ["fam-0"])
-    assert stopped["status"] == "stopped" and stopped["pid"] is None
+    assert stopped.status == "stopped" and stopped.pid is None
     assert gone(processes)
 
 
@@ -291,7 +291,7 @@ def test_restart_spawns_a_new_process_and_counts_it(supervisor):
     old = psutil.Process(row(supervisor, "web-0")["pid"])
     assert supervisor.restart("web").get() == ["web-0"]
     [restarted] = settle(supervisor, ["web-0"])
-    assert restarted["status"] == "online" and restarted["pid"] != old.pid and restarted["restarts"] == 1
+    assert restarted.status == "online" and restarted.pid != old.pid and restarted.restarts == 1
     assert not old.is_running()
     assert statuses(recorder, "web-0") == ["online", "stopping", "launching", "online"]
     wait_until(lambda: answers(port), message="the restarted server listening")

@@ -15,7 +15,8 @@ from support.looprunner import EchoServers, TlsFiles, recv_until_closed, running
 from support.ports import free_port
 
 from pmdaemon.config.model import ConnectionPool, RateLimiting, Retries, Timeouts
-from pmdaemon.net.snapshot import DOWN, UP
+from pmdaemon.states import BackendState
+
 
 MiB = 1 << 20
 
@@ -280,12 +281,12 @@ def test_every_backend_refusing_closes_the_client(balancer):
 
 def test_no_backend_up_closes_the_client(echo, balancer):
     lb = balancer(echo.ports[:1])
-    lb.publish([DOWN])
+    lb.publish([BackendState.DOWN])
     time.sleep(0.1)
     with connect(lb.port) as sock:
         assert sock.recv(10) == b""
     assert lb.wait_outcomes(1)[0].error == "no_backend"
-    lb.publish([UP])
+    lb.publish([BackendState.UP])
     time.sleep(0.1)
     with connect(lb.port) as sock:
         assert who(sock) == echo.ports[0]

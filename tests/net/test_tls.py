@@ -20,7 +20,8 @@ from support.http import get, https
 from support.looprunner import TlsFiles, running_loops
 
 from pmdaemon.config.model import BackendTls, Limits
-from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot
+from pmdaemon.states import BackendState
 
 
 @pytest.fixture
@@ -193,7 +194,7 @@ def test_certificates_are_read_again_for_a_new_listener(backend, balancer, tmp_p
     renewed = TlsFiles(tmp_path)  # same paths, new CA and certificate
     cfg = dataclasses.replace(lb.cfg, index=1)
     lb.loop.add_listener(cfg)
-    lb.loop.publish(PoolSnapshot(1, 1, (BackendView(0, "127.0.0.1", backend.port, None, 1, UP),)))
+    lb.loop.publish(PoolSnapshot(1, 1, (BackendView(0, "127.0.0.1", backend.port, None, 1, BackendState.UP),)))
     port = lb.loop.listening_address(1)[1]
     assert get(https(port, renewed), "/new")[0] == 200
     assert get(https(lb.port, trusts_old), "/old")[0] == 200  # the running listener keeps its context

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from pmdaemon.config.loader import parse_config
-from pmdaemon.net.snapshot import DOWN, DRAINING, OPEN, UP, BackendView
+from pmdaemon.net.snapshot import BackendView
+from pmdaemon.states import BackendState
 
 STREAM_SECTION = "# --- main context"
 
 
-def live_pools(config, states=(UP, DRAINING, DOWN, OPEN), weights=None):
+def live_pools(config, states=(BackendState.UP, BackendState.DRAINING, BackendState.DOWN, BackendState.OPEN), weights=None):
     """BackendViews as a Listener would publish them: states cycle through `states`."""
     pools = {}
     for listener in config.listeners:

@@ -16,13 +16,14 @@ import trustme
 
 from pmdaemon.config.model import BackendConfig, ListenerConfig, SslConfig
 from pmdaemon.net.loop import IOLoop
-from pmdaemon.net.snapshot import UP, BackendView, PoolSnapshot
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot
+from pmdaemon.states import BackendState
 from support.paths import TCP_ECHO_APP
 from support.ports import free_port
 
 
 class RunningLoop:
-    """IOLoop + listener 0 on 127.0.0.1:<free port> over backends at `ports` (all UP, weights given)."""
+    """IOLoop + listener 0 on 127.0.0.1:<free port> over backends at `ports` (all up, weights given)."""
 
     def __init__(self, ports, weights=None, publish: bool = True, strategy_factory=None, **listener_options):
         self.reports = []
@@ -36,7 +37,7 @@ class RunningLoop:
         self.port = self.loop.listening_address(0)[1]
         self.version = 0
         if publish:
-            self.publish([UP] * len(self.ports))
+            self.publish([BackendState.UP] * len(self.ports))
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
 

@@ -14,7 +14,7 @@ from support.paths import REPO
 
 from pmdaemon.config.loader import load_config
 from pmdaemon.control.export import render
-from pmdaemon.net.snapshot import DOWN, DRAINING, UP
+from pmdaemon.states import BackendState
 
 
 def test_header_names_pmdaemon_and_the_config():
@@ -32,7 +32,7 @@ def test_unknown_format_is_refused():
 
 def test_nginx_upstream_lists_live_ports_weights_and_marks_drained_down():
     config = load_config(str(REPO / "examples" / "weighted-round-robin.json"))
-    pools = live_pools(config, states=(UP, DRAINING, DOWN))
+    pools = live_pools(config, states=(BackendState.UP, BackendState.DRAINING, BackendState.DOWN))
     text = render("nginx", config.listeners, pools, config.source)
     assert "upstream pmdaemon_http_8080 {" in text and "proxy_pass http://pmdaemon_http_8080;" in text
     servers = server_lines(text)
@@ -41,7 +41,7 @@ def test_nginx_upstream_lists_live_ports_weights_and_marks_drained_down():
     for line, view in zip(servers, views):
         assert line.startswith(f"server {view.address} weight={view.weight}")
         directives = line.split("#")[0]
-        assert directives.rstrip().endswith("down;") == (view.state == DRAINING), line
+        assert directives.rstrip().endswith("down;") == (view.state == BackendState.DRAINING), line
         assert f"# {view.instance} (pmdaemon: {view.state})" in line
     for header in ("Host $host", "X-Real-IP $remote_addr", "X-Forwarded-For $proxy_add_x_forwarded_for"):
         assert f"proxy_set_header {header};" in text
@@ -49,12 +49,12 @@ def test_nginx_upstream_lists_live_ports_weights_and_marks_drained_down():
 
 def test_haproxy_backend_lists_live_ports_weights_and_drains_with_weight_0():
     config = load_config(str(REPO / "examples" / "weighted-round-robin.json"))
-    pools = live_pools(config, states=(UP, DRAINING))
+    pools = live_pools(config, states=(BackendState.UP, BackendState.DRAINING))
     text = render("haproxy", config.listeners, pools, config.source)
     assert "frontend pmdaemon_http_8080" in text and "default_backend pmdaemon_http_8080_servers" in text
     assert "backend pmdaemon_http_8080_servers" in text and "balance roundrobin" in text
     for line, view in zip(server_lines(text), pools[0]):
-        weight = 0 if view.state == DRAINING else view.weight
+        weight = 0 if view.state == BackendState.DRAINING else view.weight
         assert line.startswith(f"server {view.instance} {view.address} weight {weight} check"), line
 
 

@@ -1,11 +1,12 @@
 """health_aware_round_robin's loop-local passive ejection (net/strategies.py HealthAwareRoundRobin):
 a live failure takes the backend out of the very next choice; the control plane's snapshot takes over
-(or the short bridge ends) and a snapshot showing it UP after that wins."""
+(or the short bridge ends) and a snapshot showing it BackendState.UP after that wins."""
 import pytest
 
 from pmdaemon.config.model import ListenerConfig
-from pmdaemon.net.snapshot import DOWN, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot
 from pmdaemon.net.strategies import LOCAL_EJECTION_BRIDGE, make_strategy
+from pmdaemon.states import BackendState
 
 BASE_PORT = 3000
 STRATEGIES = ["round_robin", "weighted_round_robin", "least_connections", "ip_hash", "sticky_sessions",
@@ -21,10 +22,10 @@ class Clock:
 
 
 def pool(version: int = 1, **states) -> PoolSnapshot:
-    """Backends a, b, c; keyword arguments set a backend's state, e.g. b=DOWN."""
+    """Backends a, b, c; keyword arguments set a backend's state, e.g. b=BackendState.DOWN."""
     return PoolSnapshot(0, version, tuple(
-        BackendView(i, "127.0.0.1", BASE_PORT + i, None, 1, states.get(letter, UP),
-                    half_open_slots=1 if states.get(letter) == HALF_OPEN else 0)
+        BackendView(i, "127.0.0.1", BASE_PORT + i, None, 1, states.get(letter, BackendState.UP),
+                    half_open_slots=1 if states.get(letter) == BackendState.HALF_OPEN else 0)
         for i, letter in enumerate("abc")))
 
 
@@ -88,7 +89,7 @@ def test_the_control_plane_takes_over_and_its_snapshot_showing_it_up_again_wins_
     clock = Clock()
     strategy = health_aware(clock)
     strategy.live_failure(B)
-    strategy.update(pool(version=2, b=DOWN))  # ejected and quarantined by the Listener actor
+    strategy.update(pool(version=2, b=BackendState.DOWN))  # ejected and quarantined by the Listener actor
     assert "b" not in sequence(strategy, 4)
     clock.now += 0.1  # well inside the bridge: the quarantine ended, a check passed
     strategy.update(pool(version=3))
@@ -115,25 +116,25 @@ def test_a_failure_after_the_backend_came_back_ejects_it_again():
 
 
 def test_the_last_routable_backend_is_never_ejected_by_the_passive_rule():
-    strategy = health_aware(Clock(), snapshot=pool(a=DOWN, c=DOWN))
+    strategy = health_aware(Clock(), snapshot=pool(a=BackendState.DOWN, c=BackendState.DOWN))
     strategy.live_failure(B)
     assert sequence(strategy, 2) == "bb"
 
 
 def test_of_two_failing_backends_the_second_stays_in_as_the_last_one():
-    strategy = health_aware(Clock(), snapshot=pool(c=DOWN))
+    strategy = health_aware(Clock(), snapshot=pool(c=BackendState.DOWN))
     strategy.live_failure(0)
     strategy.live_failure(B)
     assert sequence(strategy, 3) == "bbb"
 
 
 def test_a_half_open_backend_counts_as_routable_for_the_last_backend_rule():
-    strategy = health_aware(Clock(), snapshot=pool(a=DOWN, c=HALF_OPEN))
+    strategy = health_aware(Clock(), snapshot=pool(a=BackendState.DOWN, c=BackendState.HALF_OPEN))
     strategy.live_failure(B)
     assert sequence(strategy, 3) == "ccc"  # as the Listener actor counts: c may take b's traffic
 
 
-@pytest.mark.parametrize("state", [HALF_OPEN, OPEN, DOWN])
+@pytest.mark.parametrize("state", [BackendState.HALF_OPEN, BackendState.OPEN, BackendState.DOWN])
 def test_only_an_up_backend_is_ejected(state):
     """A half-open backend's failures are the breaker's business; a down one is out already."""
     strategy = health_aware(Clock(), snapshot=pool(b=state))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pmdaemon.control.restartpolicy import ERRORED, RESTART, STOPPED, RestartHistory, RestartRules
+from pmdaemon.control.restartpolicy import CrashAction, RestartHistory, RestartRules
 
 
 def crash_loop(rules: RestartRules, uptimes: list[float]):
@@ -18,30 +18,30 @@ def crash_loop(rules: RestartRules, uptimes: list[float]):
 def test_unstable_crashes_restart_max_restarts_times_then_errored():
     rules = RestartRules(max_restarts=3, min_uptime=1.0)
     verdicts = crash_loop(rules, [0.1] * 4)
-    assert [v.action for v in verdicts] == [RESTART, RESTART, RESTART, ERRORED]
+    assert [v.action for v in verdicts] == [CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.ERRORED]
     assert all(v.unstable for v in verdicts)
     assert "max_restarts (3)" in verdicts[-1].reason
 
 
 def test_max_restarts_zero_means_the_first_unstable_crash_is_final():
-    assert crash_loop(RestartRules(max_restarts=0), [0.0])[0].action == ERRORED
+    assert crash_loop(RestartRules(max_restarts=0), [0.0])[0].action == CrashAction.ERRORED
 
 
 def test_a_run_past_min_uptime_ends_the_unstable_streak():
     rules = RestartRules(max_restarts=2, min_uptime=1.0)
     verdicts = crash_loop(rules, [0.1, 0.1, 5.0, 0.1, 0.1, 0.1])
-    assert [v.action for v in verdicts] == [RESTART, RESTART, RESTART, RESTART, RESTART, ERRORED]
+    assert [v.action for v in verdicts] == [CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.ERRORED]
     assert not verdicts[2].unstable
 
 
 def test_stable_crashes_are_always_restarted():
     verdicts = crash_loop(RestartRules(max_restarts=1, min_uptime=1.0), [2.0] * 10)
-    assert {v.action for v in verdicts} == {RESTART}
+    assert {v.action for v in verdicts} == {CrashAction.RESTART}
 
 
 def test_autorestart_false_leaves_the_instance_stopped():
     verdict = crash_loop(RestartRules(autorestart=False), [10.0])[0]
-    assert verdict.action == STOPPED
+    assert verdict.action == CrashAction.STOPPED
 
 
 def test_restart_delay_applies_to_every_restart():

@@ -5,7 +5,7 @@ import pytest
 
 from pmdaemon.config.model import STRATEGIES, AppBalancing, BackendConfig, ListenerConfig, SessionConfig, SslConfig
 from pmdaemon.control.perfscore import BackendMetrics, PerformanceScorer
-from pmdaemon.net.snapshot import DOWN, DRAINING, HALF_OPEN, OPEN, UP, BackendView, PoolSnapshot
+from pmdaemon.net.snapshot import BackendView, PoolSnapshot
 from pmdaemon.net.sticky import SessionSigner
 from pmdaemon.net.strategies import (
     Geographic,
@@ -17,6 +17,7 @@ from pmdaemon.net.strategies import (
     StickySessions,
     make_strategy,
 )
+from pmdaemon.states import BackendState
 
 KEY = b"k" * 32
 BASE_PORT = 3000
@@ -44,7 +45,7 @@ class Clock:
         return self.now
 
 
-def view(i: int, state: str = UP, weight: int = 1, region: str | None = None, slots: int = 0, port=None) -> BackendView:
+def view(i: int, state: str = BackendState.UP, weight: int = 1, region: str | None = None, slots: int = 0, port=None) -> BackendView:
     return BackendView(i, "127.0.0.1", port or BASE_PORT + i, f"app-{i}", weight, state, region, slots)
 
 
@@ -53,8 +54,8 @@ def snapshot(*views: BackendView, version: int = 1) -> PoolSnapshot:
 
 
 def pool(n: int, **states) -> PoolSnapshot:
-    """n backends named a, b, c...; keyword arguments set a backend's state, e.g. b=DOWN."""
-    return snapshot(*(view(i, states.get(chr(ord("a") + i), UP)) for i in range(n)))
+    """n backends named a, b, c...; keyword arguments set a backend's state, e.g. b=BackendState.DOWN."""
+    return snapshot(*(view(i, states.get(chr(ord("a") + i), BackendState.UP)) for i in range(n)))
 
 
 def name(chosen: BackendView | None) -> str | None:
@@ -91,7 +92,7 @@ def test_nothing_to_choose_before_the_first_snapshot(strategy_name):
 @pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_only_routable_backends_take_unpinned_requests(strategy_name):
     strategy = made(strategy_name)
-    strategy.update(pool(5, a=DOWN, b=OPEN, d=DRAINING))
+    strategy.update(pool(5, a=BackendState.DOWN, b=BackendState.OPEN, d=BackendState.DRAINING))
     chosen = Counter()
     for i in range(200):
         head = Head({"X-Forwarded-For": f"10.0.{i}.1"})
@@ -102,7 +103,7 @@ def test_only_routable_backends_take_unpinned_requests(strategy_name):
 @pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_no_routable_backend_means_none(strategy_name):
     strategy = made(strategy_name)
-    strategy.update(pool(3, a=DOWN, b=OPEN, c=DRAINING))
+    strategy.update(pool(3, a=BackendState.DOWN, b=BackendState.OPEN, c=BackendState.DRAINING))
     assert strategy.choose("10.0.0.1", None) is None
     assert strategy.choose("10.0.0.1", Head()) is None
 
@@ -123,7 +124,7 @@ def test_retries_skip_backends_already_tried(strategy_name):
 @pytest.mark.parametrize("strategy_name", STRATEGIES)
 def test_half_open_backend_gets_only_its_trial_slots(strategy_name):
     strategy = made(strategy_name)
-    strategy.update(snapshot(view(0, HALF_OPEN, slots=2), view(1), view(2)))
+    strategy.update(snapshot(view(0, BackendState.HALF_OPEN, slots=2), view(1), view(2)))
     in_flight_to_a = 0
     for i in range(60):
         chosen = strategy.choose(f"10.0.0.{i}", Head())
@@ -141,7 +142,7 @@ def test_half_open_backend_gets_only_its_trial_slots(strategy_name):
 
 def test_half_open_backend_takes_trials_in_its_turn():
     strategy = made("round_robin")
-    strategy.update(snapshot(view(0), view(1, HALF_OPEN, slots=1), view(2)))
+    strategy.update(snapshot(view(0), view(1, BackendState.HALF_OPEN, slots=1), view(2)))
     seen = []
     for _ in range(6):
         chosen = strategy.choose("10.0.0.1", None)
@@ -153,7 +154,7 @@ def test_half_open_backend_takes_trials_in_its_turn():
 @pytest.mark.parametrize("strategy_name", ["round_robin", "least_connections", "weighted_round_robin"])
 def test_custom_trial_gate(strategy_name):
     strategy = made(strategy_name)
-    strategy.update(snapshot(view(0, HALF_OPEN, slots=5), view(1)))
+    strategy.update(snapshot(view(0, BackendState.HALF_OPEN, slots=5), view(1)))
     allowed = {0: False}
     strategy.set_trial_gate(lambda index: allowed.get(index, False))
     assert {name(strategy.choose("10.0.0.1", None)) for _ in range(10)} == {"b"}
@@ -163,7 +164,7 @@ def test_custom_trial_gate(strategy_name):
 
 def test_half_open_with_no_slots_gets_nothing():
     strategy = made("round_robin")
-    strategy.update(snapshot(view(0, HALF_OPEN, slots=0), view(1)))
+    strategy.update(snapshot(view(0, BackendState.HALF_OPEN, slots=0), view(1)))
     assert sequence(strategy, 4) == "bbbb"
 
 
@@ -199,7 +200,7 @@ def test_round_robin_skips_a_down_backend_and_takes_it_back():
     strategy = made("round_robin")
     strategy.update(pool(3))
     assert sequence(strategy, 1) == "a"
-    strategy.update(pool(3, b=DOWN))
+    strategy.update(pool(3, b=BackendState.DOWN))
     assert sequence(strategy, 4) == "caca"
     strategy.update(pool(3))
     assert sequence(strategy, 3) == "bca"
@@ -260,7 +261,7 @@ def test_weighted_round_robin_cycle_survives_an_unchanged_update():
 
 def test_weighted_round_robin_without_a_down_backend():
     strategy = made("weighted_round_robin")
-    strategy.update(snapshot(view(0, weight=5), view(1, DOWN, weight=1), view(2, weight=1)))
+    strategy.update(snapshot(view(0, weight=5), view(1, BackendState.DOWN, weight=1), view(2, weight=1)))
     assert Counter(sequence(strategy, 60)) == {"a": 50, "c": 10}
 
 
@@ -344,7 +345,7 @@ def test_least_connections_counts_draining_backends_in_flight_but_never_chooses_
     strategy = made("least_connections")
     strategy.update(pool(2))
     strategy.started(0)
-    strategy.update(pool(2, a=DRAINING))
+    strategy.update(pool(2, a=BackendState.DRAINING))
     assert strategy.in_flight(0) == 1
     assert sequence(strategy, 3) == "bbb"
     strategy.finished(0)
@@ -374,7 +375,7 @@ def test_ip_hash_down_backend_moves_only_its_clients_and_they_return():
     strategy = made("ip_hash")
     strategy.update(pool(5))
     before = placement(strategy)
-    strategy.update(pool(5, c=DOWN))
+    strategy.update(pool(5, c=BackendState.DOWN))
     during = placement(strategy)
     moved = {client for client in CLIENTS if before[client] != during[client]}
     assert moved == {client for client in CLIENTS if before[client] == "c"}
@@ -385,7 +386,7 @@ def test_ip_hash_down_backend_moves_only_its_clients_and_they_return():
 def test_ip_hash_draining_backend_leaves_the_ring():
     strategy = made("ip_hash")
     strategy.update(pool(3))
-    strategy.update(pool(3, a=DRAINING))
+    strategy.update(pool(3, a=BackendState.DRAINING))
     assert "a" not in set(placement(strategy).values())
 
 
@@ -447,7 +448,7 @@ def test_ip_hash_session_affinity_keeps_a_moved_client_until_idle_timeout():
     strategy.update(pool(3))
     home = {c: name(strategy.choose(c, None)) for c in CLIENTS[:300]}
     on_a = [c for c in home if home[c] == "a"]
-    strategy.update(pool(3, a=DOWN))
+    strategy.update(pool(3, a=BackendState.DOWN))
     moved = {c: name(strategy.choose(c, None)) for c in on_a}
     assert "a" not in moved.values()
     strategy.update(pool(3))
@@ -464,7 +465,7 @@ def test_ip_hash_without_affinity_returns_clients_at_once():
     strategy = made("ip_hash")
     strategy.update(pool(3))
     before = placement(strategy)
-    strategy.update(pool(3, a=DOWN))
+    strategy.update(pool(3, a=BackendState.DOWN))
     placement(strategy)
     strategy.update(pool(3))
     assert placement(strategy) == before
@@ -536,7 +537,7 @@ def test_sticky_pinned_backend_down_rebalances_and_reissues():
     strategy.update(pool(3))
     first = strategy.choose("10.0.0.1", Head())
     pinned = Head(cookies={COOKIE: issued_cookie(strategy, Head(), first)})
-    states = {name(first): DOWN}
+    states = {name(first): BackendState.DOWN}
     strategy.update(pool(3, **states))
     moved = strategy.choose("10.0.0.1", pinned)
     assert moved is not None and moved.index != first.index
@@ -551,14 +552,14 @@ def test_sticky_pinned_requests_reach_a_draining_backend_but_new_sessions_do_not
     strategy.update(pool(3))
     first = strategy.choose("10.0.0.1", Head())
     pinned = Head(cookies={COOKIE: issued_cookie(strategy, Head(), first)})
-    strategy.update(pool(3, **{name(first): DRAINING}))
+    strategy.update(pool(3, **{name(first): BackendState.DRAINING}))
     draining = strategy.choose("10.0.0.1", pinned)
-    assert draining.state == DRAINING and draining.index == first.index
+    assert draining.state == BackendState.DRAINING and draining.index == first.index
     assert all(strategy.choose("10.0.0.1", pinned) == draining for _ in range(5))
     assert strategy.response_headers(pinned, draining) == ()
     assert name(first) not in sequence(strategy, 10, head=Head())
     # Once it stops (down), the pinned client moves.
-    strategy.update(pool(3, **{name(first): DOWN}))
+    strategy.update(pool(3, **{name(first): BackendState.DOWN}))
     assert strategy.choose("10.0.0.1", pinned).index != first.index
 
 
@@ -636,7 +637,7 @@ def test_sticky_session_header_moves_when_its_backend_is_down():
     strategy.update(pool(3))
     head = Head({"X-Session-ID": "s1"})
     first = strategy.choose("10.0.0.1", head)
-    strategy.update(pool(3, **{name(first): DOWN}))
+    strategy.update(pool(3, **{name(first): BackendState.DOWN}))
     moved = strategy.choose("10.0.0.1", head)
     assert moved != first
     strategy.update(pool(3))
@@ -659,7 +660,7 @@ def test_sticky_pin_to_half_open_backend_respects_trial_slots():
     strategy.update(pool(2))
     first = strategy.choose("10.0.0.1", Head())
     pinned = Head(cookies={COOKIE: issued_cookie(strategy, Head(), first)})
-    strategy.update(snapshot(*(view(i, HALF_OPEN if i == first.index else UP, slots=1) for i in range(2))))
+    strategy.update(snapshot(*(view(i, BackendState.HALF_OPEN if i == first.index else BackendState.UP, slots=1) for i in range(2))))
     assert strategy.choose("10.0.0.1", pinned).index == strategy.choose("10.0.0.1", pinned).index == first.index
     strategy.started(first.index)
     assert strategy.choose("10.0.0.1", pinned).index != first.index
@@ -686,7 +687,7 @@ def geographic(**options) -> Geographic:
 
 
 def geo_pool(**states) -> PoolSnapshot:
-    return snapshot(*(view(i, states.get(chr(ord("a") + i), UP), region=REGIONS[i]) for i in range(5)))
+    return snapshot(*(view(i, states.get(chr(ord("a") + i), BackendState.UP), region=REGIONS[i]) for i in range(5)))
 
 
 def test_geographic_clients_go_to_their_region():
@@ -699,17 +700,17 @@ def test_geographic_clients_go_to_their_region():
 
 def test_geographic_fallback_regions_in_order_then_any():
     strategy = geographic()
-    strategy.update(geo_pool(a=DOWN, b=OPEN))
+    strategy.update(geo_pool(a=BackendState.DOWN, b=BackendState.OPEN))
     assert sequence(strategy, 3, client="10.1.0.5") == "ccc"
-    strategy.update(geo_pool(a=DOWN, b=OPEN, c=DRAINING))
+    strategy.update(geo_pool(a=BackendState.DOWN, b=BackendState.OPEN, c=BackendState.DRAINING))
     assert sequence(strategy, 3, client="10.1.0.5") == "ddd"
-    strategy.update(geo_pool(a=DOWN, b=OPEN, c=DOWN, d=DOWN))
+    strategy.update(geo_pool(a=BackendState.DOWN, b=BackendState.OPEN, c=BackendState.DOWN, d=BackendState.DOWN))
     assert sequence(strategy, 3, client="10.1.0.5") == "eee"
 
 
 def test_geographic_region_without_fallbacks_goes_to_any_healthy_backend():
     strategy = geographic()
-    strategy.update(geo_pool(c=DOWN))
+    strategy.update(geo_pool(c=BackendState.DOWN))
     assert set(sequence(strategy, 20, client="10.2.0.5")) == {"a", "b", "d", "e"}
 
 
@@ -720,7 +721,7 @@ def test_geographic_unknown_client_goes_to_the_primary_region():
     # A known region that no backend serves counts as unknown.
     assert set(sequence(strategy, 4, client="10.4.0.1")) == {"a", "b"}
     # The primary region down: its fallbacks.
-    strategy.update(geo_pool(a=DOWN, b=DOWN))
+    strategy.update(geo_pool(a=BackendState.DOWN, b=BackendState.DOWN))
     assert sequence(strategy, 2, client="192.0.2.1") == "cc"
 
 

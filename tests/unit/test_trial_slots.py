@@ -3,7 +3,8 @@ trial requests per half-open period (bytes-in/bytes-out style: snapshots and out
 from __future__ import annotations
 
 from pmdaemon.net.breaker import TrialSlots, verdict
-from pmdaemon.net.snapshot import HALF_OPEN, OPEN, UP, BackendView, Outcome, PoolSnapshot
+from pmdaemon.net.snapshot import BackendView, Outcome, PoolSnapshot
+from pmdaemon.states import BackendState
 
 
 def outcome(backend: int, status: int = 200, error: str | None = None, lb_made: bool = False) -> Outcome:
@@ -13,7 +14,7 @@ def outcome(backend: int, status: int = 200, error: str | None = None, lb_made: 
 def snapshot(version: int, *states: str, slots: int = 2) -> PoolSnapshot:
     return PoolSnapshot(0, version, tuple(
         BackendView(index=i, host="127.0.0.1", port=3000 + i, instance=None, weight=1, state=state,
-                    half_open_slots=slots if state == HALF_OPEN else 0)
+                    half_open_slots=slots if state == BackendState.HALF_OPEN else 0)
         for i, state in enumerate(states)))
 
 
@@ -34,7 +35,7 @@ def test_verdicts():
 
 def test_a_half_open_backend_takes_at_most_its_slots_per_period_in_flight_or_finished():
     trials = TrialSlots()
-    trials.update(snapshot(1, HALF_OPEN, UP))
+    trials.update(snapshot(1, BackendState.HALF_OPEN, BackendState.UP))
     assert trials.admits(0, in_flight=0) and trials.admits(0, in_flight=1)
     assert not trials.admits(0, in_flight=2)
     trials.record(outcome(0, 200))  # one trial over with a verdict, one still in flight
@@ -44,7 +45,7 @@ def test_a_half_open_backend_takes_at_most_its_slots_per_period_in_flight_or_fin
 
 def test_a_trial_without_a_verdict_gives_its_slot_back():
     trials = TrialSlots()
-    trials.update(snapshot(1, HALF_OPEN, slots=1))
+    trials.update(snapshot(1, BackendState.HALF_OPEN, slots=1))
     trials.record(outcome(0, 200, "client_closed"))
     assert trials.admits(0, in_flight=0)
     trials.record(outcome(0, 500))
@@ -53,11 +54,11 @@ def test_a_trial_without_a_verdict_gives_its_slot_back():
 
 def test_a_period_lasts_while_snapshots_show_half_open_and_the_next_starts_afresh():
     trials = TrialSlots()
-    trials.update(snapshot(1, HALF_OPEN, UP, slots=1))
+    trials.update(snapshot(1, BackendState.HALF_OPEN, BackendState.UP, slots=1))
     trials.record(outcome(0, 500))
-    trials.update(snapshot(2, HALF_OPEN, HALF_OPEN, slots=1))  # another backend changed: same period
+    trials.update(snapshot(2, BackendState.HALF_OPEN, BackendState.HALF_OPEN, slots=1))  # another backend changed: same period
     assert not trials.admits(0, in_flight=0)
     assert trials.admits(1, in_flight=0)
-    trials.update(snapshot(3, OPEN, HALF_OPEN, slots=1))
-    trials.update(snapshot(4, HALF_OPEN, HALF_OPEN, slots=1))
+    trials.update(snapshot(3, BackendState.OPEN, BackendState.HALF_OPEN, slots=1))
+    trials.update(snapshot(4, BackendState.HALF_OPEN, BackendState.HALF_OPEN, slots=1))
     assert trials.admits(0, in_flight=0)
