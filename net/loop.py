@@ -38,7 +38,7 @@ COMPACT_MIN = 1024  # dead timer entries before the heap is worth rebuilding
 LISTEN_BACKLOG = 1024
 
 
-class _Timer:
+class Timer:
     """A one-off `call_later` callback in the loop's heap."""
 
     __slots__ = ("fn", "args", "cancelled")
@@ -246,8 +246,8 @@ class IOLoop:
             heapq.heapify(timers)
             self._dead_timers = 0
 
-    def call_later(self, delay: float, fn, *args) -> _Timer:
-        timer = _Timer(fn, args)
+    def call_later(self, delay: float, fn, *args) -> Timer:
+        timer = Timer(fn, args)
         self.schedule(self.now + delay, timer)
         return timer
 

@@ -56,7 +56,7 @@ from pmdaemon.net.upstream import RECV_SIZE, BackendConnection, UpstreamPool
 from pmdaemon.states import ErrorKind
 
 if TYPE_CHECKING:
-    from pmdaemon.net.loop import _Timer
+    from pmdaemon.net.loop import Timer
 
 PIPELINE_BOUND = 64 * 1024  # bytes buffered from a client while its current request is in progress
 PENDING_BOUND = 64 * 1024  # request bytes held while no backend connection is ready
@@ -106,11 +106,6 @@ class HttpListener:
         self.snapshot = snapshot
         self.addresses = addresses
         self.strategy.update(snapshot)
-
-    def choose(self, ip: str, head: RequestHead, exclude: frozenset):
-        if self.snapshot is None:
-            return None
-        return self.strategy.choose(ip, head, exclude)
 
     def is_trusted(self, ip: str) -> bool:
         known = self._trust_cache.get(ip)
@@ -171,7 +166,7 @@ class ClientConnection(Channel):
         self.pumping = False
         self.eof = False
         self.up: BackendConnection | None = None
-        self.retry_timer: _Timer | None = None
+        self.retry_timer: Timer | None = None
         self.tunnel: WebsocketTunnel | None = None
         self._reset_exchange()
         listener.connections.add(self)

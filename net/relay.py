@@ -51,7 +51,6 @@ def attempt(conn: ClientConnection, fresh: bool = False) -> None:
         if fresh:
             view = conn.view
         else:
-            # listener.choose inlined (one call less per request)
             view = None if listener.snapshot is None else listener.strategy.choose(conn.ip, head, conn.exclude)
         if view is None:
             break

@@ -64,9 +64,7 @@ class Outcome(NamedTuple):
     latency: float  # seconds from request head received to response head sent (TCP: duration)
     bytes_in: int  # from the client
     bytes_out: int  # to the client
-    error: str | None  # None, or: connect, timeout, reset, invalid_response (the backend failed),
-    #                    client_closed, client_timeout (the client went away or stalled), lb_4xx, lb_5xx,
-    #                    rate_limited, breaker_open, no_backend
+    error: ErrorKind | None  # None, or how it failed (states.ErrorKind says which kinds mean what)
     client_ip: str
     # The load balancer produced the response itself; a backend failure only when it answered 502/504
     # for one (then `backend` and `error` say which and why), see net/breaker.py `verdict`.
