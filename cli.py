@@ -61,9 +61,19 @@ from docopt import DocoptExit, docopt
 from pmdaemon import __version__
 from pmdaemon.control.launcher import ensure_daemon, kill_daemon, run_foreground
 from pmdaemon.control.protocol import EXIT_RUNTIME, EXIT_USAGE, CommandFailed, ControlClient, DaemonNotRunning
-from pmdaemon.control.resultviews import (BACKEND_COLUMNS, DRAIN_COLUMNS, HEALTH_COLUMNS, HEALTH_TEST_COLUMNS,
-                                          INSTANCE_COLUMNS, LISTENER_COLUMNS, REGION_TRAFFIC_COLUMNS, TRAFFIC_COLUMNS,
-                                          flatten, render_stats, result_table)
+from pmdaemon.control.resultviews import (
+    BACKEND_COLUMNS,
+    DRAIN_COLUMNS,
+    HEALTH_COLUMNS,
+    HEALTH_TEST_COLUMNS,
+    INSTANCE_COLUMNS,
+    LISTENER_COLUMNS,
+    REGION_TRAFFIC_COLUMNS,
+    TRAFFIC_COLUMNS,
+    flatten,
+    render_stats,
+    result_table,
+)
 from pmdaemon.control.tables import Column, MonitorView, render_pairs, render_table, use_colour
 
 

@@ -44,14 +44,14 @@ import os
 import socket
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 import pykka
 
 from pmdaemon.actors.messages import InstanceEvent, Tick
-from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import AppConfig, Config
+from pmdaemon.control.timers import Timers
 from pmdaemon.states import InstanceStatus
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class AlbSettings:
     target_id: str | None
 
     @classmethod
-    def of(cls, alb: Mapping[str, object]) -> "AlbSettings":
+    def of(cls, alb: Mapping[str, object]) -> AlbSettings:
         return cls(str(alb["target_group_arn"]), str(alb["health_check_path"]), float(alb["deregistration_delay"]),
                    alb.get("endpoint_url"), alb.get("target_id"))
 

@@ -39,17 +39,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
-from typing import Callable
 from urllib.parse import urlsplit
 
 import pykka
 
 from pmdaemon.actors.messages import Tick
-from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import AlertRule, ListenerConfig, SmtpConfig
+from pmdaemon.control.timers import Timers
 from pmdaemon.states import AlertState
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Notification:
 
 
 def iso_utc(wall: float) -> str:
-    return datetime.fromtimestamp(wall, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ class Alerter(pykka.ThreadingActor):
             for name, t in self._trackers.items()
         ]
 
-    def _courier(self, name: str) -> "_Courier":
+    def _courier(self, name: str) -> _Courier:
         if name not in self._couriers:
             self._couriers[name] = _Courier(name, self._delivery)
         return self._couriers[name]

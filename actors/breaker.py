@@ -17,8 +17,8 @@ import time
 import pykka
 
 from pmdaemon.actors.messages import BackendOutcomes, BreakerEvent, Tick
-from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import ListenerConfig
+from pmdaemon.control.timers import Timers
 from pmdaemon.net.breaker import BACKEND_FAILURES, Breaker, verdict
 from pmdaemon.net.snapshot import Outcome
 from pmdaemon.states import BreakerState

@@ -24,16 +24,16 @@ Theory of operation:
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import pykka
 
-from pmdaemon.control.healthcheck import STARTING_INTERVAL, CheckTarget, HealthCounter, run_round
 from pmdaemon.actors.messages import HealthEvent, MarkDown, ProcessStatus, Tick
-from pmdaemon.control.timers import TimerHandle, Timers
 from pmdaemon.config.model import ListenerConfig
+from pmdaemon.control.healthcheck import STARTING_INTERVAL, CheckTarget, HealthCounter, run_round
+from pmdaemon.control.timers import TimerHandle, Timers
 from pmdaemon.states import BackendState
 
 MAX_CHECK_THREADS = 16

@@ -35,13 +35,22 @@ can map ids back to positions.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pykka
 
-from pmdaemon.actors.messages import (BackendInfo, BreakerEvent, EffectiveWeights, Eject, HealthEvent, InstanceEvent,
-                                      MarkDown, ProcessStatus, Tick)
+from pmdaemon.actors.messages import (
+    BackendInfo,
+    BreakerEvent,
+    EffectiveWeights,
+    Eject,
+    HealthEvent,
+    InstanceEvent,
+    MarkDown,
+    ProcessStatus,
+    Tick,
+)
 from pmdaemon.config.model import BackendConfig, ListenerConfig
 from pmdaemon.control.timers import Timers
 from pmdaemon.net.snapshot import BackendView, PoolSnapshot

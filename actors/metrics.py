@@ -30,19 +30,19 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Iterable
 from urllib.parse import parse_qs, urlsplit
 
 import pykka
 
 from pmdaemon.actors.messages import InstanceUsage, Tick
-from pmdaemon.net.snapshot import LoopReport
-from pmdaemon.states import BackendState
-from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.control.metrics import LoadBalancerMetrics, json_samples, render_prometheus
 from pmdaemon.control.statsd import StatsdEncoder, TimingSample
+from pmdaemon.control.timers import Timers
+from pmdaemon.net.snapshot import LoopReport
+from pmdaemon.states import BackendState
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import logging
 import pykka
 
 from pmdaemon.actors.messages import EffectiveWeights, Tick
-from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.control.perfscore import MAX_WEIGHT, BackendMetrics, PerformanceScorer
+from pmdaemon.control.timers import Timers
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ adopted without a restart; a different instance count is a scale.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from pmdaemon.config.model import AppConfig, BackendConfig, Config, ListenerConfig
 

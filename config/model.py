@@ -7,8 +7,8 @@ with tuples instead of lists, so a `Config` can be shared between threads and co
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 STRATEGIES = (
     "round_robin",

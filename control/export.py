@@ -37,9 +37,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Mapping, Sequence
 from urllib.parse import urlsplit
 
 from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig

@@ -36,7 +36,7 @@ class ListenerUnit:
     positions: dict[int, int] | None = None  # backend id -> position, None while they are equal
 
     @classmethod
-    def numbered(cls, ids: tuple[int, ...], **parts) -> "ListenerUnit":
+    def numbered(cls, ids: tuple[int, ...], **parts) -> ListenerUnit:
         positions = None if ids == tuple(range(len(ids))) else {backend_id: i for i, backend_id in enumerate(ids)}
         return cls(ids=ids, positions=positions, **parts)
 

@@ -58,7 +58,7 @@ class CheckTarget:
         return f"GET {self.kind}://{self.host_header}{self.path}"
 
     @classmethod
-    def for_backend(cls, backend: BackendConfig, listener: ListenerConfig) -> "CheckTarget":
+    def for_backend(cls, backend: BackendConfig, listener: ListenerConfig) -> CheckTarget:
         check = backend.health_check
         if check is None or not check.enabled:
             return cls(
@@ -84,7 +84,7 @@ class CheckTarget:
         )
 
     @classmethod
-    def _from_url(cls, check: HealthCheckConfig, backend: BackendConfig, **common) -> "CheckTarget":
+    def _from_url(cls, check: HealthCheckConfig, backend: BackendConfig, **common) -> CheckTarget:
         """`http://localhost:{{PORT}}/health`: the placeholder (or a missing port) means the backend's port."""
         url = check.url.replace("{{PORT}}", str(backend.port)).replace("{PORT}", str(backend.port))
         parts = urlsplit(url)
@@ -130,7 +130,7 @@ def probe(target: CheckTarget) -> str | None:
         return "connection refused"
     except ConnectionResetError:
         return "connection reset"
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         return f"timeout after {target.timeout:g}s"
     except ssl.SSLError as e:
         return f"TLS error: {e.reason or e}"

@@ -8,7 +8,7 @@ files grow without bound, so they are read backwards from the end.
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
@@ -27,7 +27,7 @@ class InstanceLogs:
 
     def note(self, name: str, text: str) -> None:
         """Append a supervisor line to the instance's error log."""
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
         with open(self.paths(name)[1], "a", encoding="utf-8") as err:
             err.write(f"[pmdaemon {stamp}] {name}: {text}\n")
 

@@ -11,6 +11,8 @@ MetricsActor, None before the first listener) and `_units()` (the running `Liste
 """
 from __future__ import annotations
 
+from datetime import UTC
+
 import pykka
 
 from pmdaemon.control.fanout import ListenerUnit
@@ -85,7 +87,7 @@ class LbQueries:
 
     def lb_export(self, kind: str) -> str:
         """The listeners and their live pools (each Listener's latest snapshot) as nginx or HAProxy config."""
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         from pmdaemon.control.export import render
 
@@ -96,7 +98,7 @@ class LbQueries:
         pools = {unit.config.index: unit.listener.proxy().snapshot().get(timeout=ASK_TIMEOUT).backends
                  for unit in units}
         return render(kind, [unit.config for unit in units], pools, self.config.source,
-                      datetime.now(timezone.utc))
+                      datetime.now(UTC))
 
     def _metrics_proxy(self):
         if self._metrics is None:

@@ -49,8 +49,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.snapshot import Outcome
@@ -103,7 +104,7 @@ class LatencyHistogram:
         if seconds > self.max:
             self.max = seconds
 
-    def merge(self, other: "LatencyHistogram") -> None:
+    def merge(self, other: LatencyHistogram) -> None:
         for i, n in enumerate(other.counts):
             self.counts[i] += n
         self.sum += other.sum

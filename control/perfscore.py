@@ -16,8 +16,8 @@ value for (an external backend has no process to sample) costs it 1.0: neither r
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Mapping
 
 MAX_WEIGHT = 100
 FLOOR = max(1, MAX_WEIGHT * 5 // 100)

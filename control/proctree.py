@@ -17,7 +17,7 @@ import os
 import socket
 import subprocess
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import psutil
 

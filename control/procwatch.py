@@ -31,7 +31,7 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import psutil
 

@@ -171,7 +171,7 @@ class ControlClient:
             try:
                 sock.sendall(request)
                 return decode_response(self._read_line(sock))
-            except socket.timeout:
+            except TimeoutError:
                 raise CommandFailed(f"the daemon did not answer '{cmd}' within "
                                     f"{sock.gettimeout():g} s; see {self.home / 'daemon.log'}") from None
             except (ConnectionResetError, BrokenPipeError):

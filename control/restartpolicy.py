@@ -49,7 +49,7 @@ class RestartRules:
     exp_backoff_restart_delay: float = 0.0
 
     @classmethod
-    def of(cls, app: AppConfig) -> "RestartRules":
+    def of(cls, app: AppConfig) -> RestartRules:
         return cls(app.autorestart, app.max_restarts, app.min_uptime, app.restart_delay, app.exp_backoff_restart_delay)
 
 
@@ -66,7 +66,7 @@ class RestartHistory:
     unstable_restarts: int = 0  # unstable restarts in the current streak
     backoff_delay: float = 0.0  # the last exponential backoff delay used; 0 = none yet
 
-    def after_crash(self, rules: RestartRules, uptime: float) -> tuple[CrashVerdict, "RestartHistory"]:
+    def after_crash(self, rules: RestartRules, uptime: float) -> tuple[CrashVerdict, RestartHistory]:
         """The verdict for a crash after `uptime` seconds of running, and the history to keep."""
         unstable = uptime < rules.min_uptime
         streak = self.unstable_restarts if unstable else 0

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import json
 
-from pmdaemon.control.tables import (Column, format_ago, format_bytes, format_duration, format_ms, format_percent,
-                                     render_pairs, render_table)
+from pmdaemon.control.tables import (
+    Column,
+    format_ago,
+    format_bytes,
+    format_duration,
+    format_ms,
+    format_percent,
+    render_pairs,
+    render_table,
+)
 
 
 def scalar(value: object) -> str:

@@ -43,17 +43,25 @@ from pmdaemon.actors.health import HealthProbe
 from pmdaemon.actors.listener import Listener
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.actors.ratelimiter import RateLimiter
+from pmdaemon.actors.scorer import Scorer
+from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
+from pmdaemon.config.diff import (
+    backend_key,
+    dropped_backends,
+    follows_app,
+    plan_apps,
+    plan_listeners,
+    scaled_pool,
+    with_app,
+    with_listeners,
+    with_started,
+)
+from pmdaemon.config.loader import ConfigError
+from pmdaemon.config.model import AppConfig, BackendConfig, Config, ListenerConfig, instance_spec
 from pmdaemon.control.fanout import ListenerUnit, ReportFanOut
 from pmdaemon.control.lbqueries import LbQueries
 from pmdaemon.control.rollout import Instance, Rollout, RolloutAborted, Seat
-from pmdaemon.actors.scorer import Scorer
-from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
 from pmdaemon.control.timers import Timers
-from pmdaemon.config.model import AppConfig, BackendConfig, Config, ListenerConfig
-from pmdaemon.config.diff import (backend_key, dropped_backends, follows_app, plan_apps, plan_listeners, scaled_pool,
-                            with_app, with_listeners, with_started)
-from pmdaemon.config.loader import ConfigError
-from pmdaemon.config.model import instance_spec
 from pmdaemon.net.listeners import ListenerTls
 from pmdaemon.net.loop import IOLoop
 from pmdaemon.net.snapshot import PoolSnapshot

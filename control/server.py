@@ -20,8 +20,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pmdaemon.control.protocol import (EXIT_RUNTIME, EXIT_USAGE, MAX_MESSAGE_SIZE, CommandFailed, LineBuffer,
-                                       ProtocolError, decode_request, encode_error, encode_result)
+from pmdaemon.control.protocol import (
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    MAX_MESSAGE_SIZE,
+    CommandFailed,
+    LineBuffer,
+    ProtocolError,
+    decode_request,
+    encode_error,
+    encode_result,
+)
 
 log = logging.getLogger("pmdaemon.daemon")  # one logger name for every line the daemon writes
 

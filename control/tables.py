@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, TextIO
+from typing import TextIO
 
 from pmdaemon.states import AlertState, BackendState, BreakerState, InstanceStatus
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import TYPE_CHECKING, Generic, TypeVar
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:  # maxminddb is optional: imported when a geo_database is configured
     from maxminddb import Reader

@@ -8,8 +8,8 @@ The hash is blake2b (stable across processes and Python versions, unlike `hash()
 from __future__ import annotations
 
 from bisect import bisect_right
-from hashlib import blake2b
 from collections.abc import Iterator, Mapping
+from hashlib import blake2b
 
 # 160 points per unit of weight spreads keys within a few percent of even (ketama uses the same).
 VNODES_PER_WEIGHT = 160

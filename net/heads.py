@@ -19,7 +19,7 @@ X-Forwarded-For is kept with the client address appended and its -Proto/-Host ar
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from pmdaemon.net.http1 import RequestHead, ResponseHead, field_value
 

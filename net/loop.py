@@ -19,13 +19,13 @@ import logging
 import queue
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from selectors import EVENT_READ
-from collections.abc import Callable
 
+from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.breaker import TrialSlots, verdict
 from pmdaemon.net.channel import Poller
-from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.listeners import Listener, ListenerTls, make_listener
 from pmdaemon.net.proxy import HttpListener
 from pmdaemon.net.snapshot import LoopReport, Outcome, PoolSnapshot

@@ -40,11 +40,11 @@ import socket
 from typing import TYPE_CHECKING
 
 from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net import relay
 from pmdaemon.net.accepting import accept_waiting
 from pmdaemon.net.channel import Channel
 from pmdaemon.net.heads import forward_head, upgrade_head
 from pmdaemon.net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead
-from pmdaemon.net import relay
 from pmdaemon.net.relay import BUFFER_HIGH, REPLAY_LIMIT
 from pmdaemon.net.responses import lb_response
 from pmdaemon.net.retry import RetryPolicy
@@ -133,7 +133,7 @@ class HttpListener:
         for conn in list(self.connections):
             conn.close()
 
-    def take_over(self, old: "HttpListener") -> None:
+    def take_over(self, old: HttpListener) -> None:
         """Config reload (`IOLoop.replace_listener`): this listener, built from the new config on the old
         one's socket, adopts the old one's client and backend connections. Their next requests follow
         the new config; exchanges in progress finish on the backend connections they have."""

@@ -50,7 +50,7 @@ class PoolSnapshot:
         return asdict(self)
 
     @classmethod
-    def from_wire(cls, data: dict) -> "PoolSnapshot":
+    def from_wire(cls, data: dict) -> PoolSnapshot:
         backends = tuple(BackendView(**{**b, "state": BackendState(b["state"])}) for b in data["backends"])
         return cls(data["listener"], data["version"], backends)
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Protocol
 from collections.abc import Callable
+from typing import Protocol
 
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.geo import GeoResolver, TrustedProxies

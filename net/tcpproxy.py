@@ -37,9 +37,9 @@ import socket
 import ssl
 from selectors import EVENT_READ
 
+from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.accepting import accept_waiting
 from pmdaemon.net.channel import Channel
-from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.retry import Failure, RetryPolicy
 from pmdaemon.net.snapshot import BackendView, PoolSnapshot, build_outcome
 from pmdaemon.net.tls import ServerHandshake, handshake_step
@@ -169,7 +169,7 @@ class TcpListener:
         for session in list(self.sessions):
             session.close(None)
 
-    def take_over(self, old: "TcpListener") -> None:
+    def take_over(self, old: TcpListener) -> None:
         """Config reload (`IOLoop.replace_listener`): open sessions and handshakes continue under this
         listener, which counts them against its connection cap; new connections follow the new config."""
         if old.snapshot is not None:
@@ -185,7 +185,7 @@ class TcpListener:
 class ClientSide(Channel):
     __slots__ = ("session",)
 
-    def __init__(self, session: "TcpSession", sock: socket.socket, write_timeout: float):
+    def __init__(self, session: TcpSession, sock: socket.socket, write_timeout: float):
         super().__init__(session.loop, sock, write_timeout)
         self.session = session
 
@@ -221,7 +221,7 @@ class BackendSide(Channel):
 
     __slots__ = ("session", "connected", "tcp_connected", "tls_wants_write")
 
-    def __init__(self, session: "TcpSession", address: tuple):
+    def __init__(self, session: TcpSession, address: tuple):
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)

@@ -43,8 +43,8 @@ import socket
 import ssl
 from typing import Protocol
 
-from pmdaemon.net.channel import Channel
 from pmdaemon.config.model import ListenerConfig, SslConfig
+from pmdaemon.net.channel import Channel
 from pmdaemon.net.responses import lb_response
 from pmdaemon.net.upstream import BackendConnection
 

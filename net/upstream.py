@@ -18,8 +18,8 @@ import errno
 import socket
 import ssl
 
-from pmdaemon.net.channel import Channel
 from pmdaemon.config.model import ListenerConfig
+from pmdaemon.net.channel import Channel
 from pmdaemon.net.http1 import ResponseReader
 from pmdaemon.net.snapshot import BackendView
 

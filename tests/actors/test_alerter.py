@@ -7,18 +7,19 @@ import queue
 import ssl
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pykka
 import pytest
-from support.alerts import rule
-from support.ports import free_port
 
 from pmdaemon.actors.alerter import Alerter, DeliveryPolicy, Notification, PermanentFailure, send_email, values_from
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.config.model import AlertRule, AlertsConfig, BackendConfig, ListenerConfig, SmtpConfig
 from pmdaemon.states import AlertState
+
+from support.alerts import rule
+from support.ports import free_port
 
 FAST = DeliveryPolicy(timeout=5.0, attempts=3, retry_delay=0.05)
 
@@ -101,7 +102,7 @@ def test_webhook_fires_after_duration_and_resolves_when_backends_recover(webhook
     assert firing["condition"] == "healthy_backends < 2"
     assert (firing["value"], firing["threshold"], firing["listener"]) == (1, 2.0, 18080)
     since = datetime.fromisoformat(firing["since"])
-    assert since.tzinfo == timezone.utc and abs(since.timestamp() - started) < 2
+    assert since.tzinfo == UTC and abs(since.timestamp() - started) < 2
 
     time.sleep(0.3)  # several more ticks with the condition still holding: no second "firing"
     assert webhooks.received.empty()

@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 
 import pytest
-from support.actorpool import Pool
-from support.ports import free_port
-from support.tinybackend import TinyBackend
-from support.wait import wait_until
 
 from pmdaemon.actors.breaker import CircuitBreaker
 from pmdaemon.actors.messages import BackendOutcomes
 from pmdaemon.config.model import BackendConfig, CircuitBreakerConfig, HealthCheckConfig, ListenerConfig
 from pmdaemon.net.snapshot import Outcome
 from pmdaemon.states import BackendState
+
+from support.actorpool import Pool
+from support.ports import free_port
+from support.tinybackend import TinyBackend
+from support.wait import wait_until
 
 CHECK = HealthCheckConfig(interval=0.2, timeout=1.0)
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import time
 
 import pytest
+
+from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
+from pmdaemon.states import BackendState
+
 from support.actorpool import Pool
 from support.ports import free_port
 from support.tinybackend import TinyBackend
 from support.wait import wait_until
-
-from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
-from pmdaemon.states import BackendState
 
 
 @pytest.fixture

@@ -4,12 +4,13 @@ import socket
 import pykka
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.http import get
-from support.ports import free_port
 
 from pmdaemon.actors.metrics import MetricsActor
 from pmdaemon.config.model import BackendConfig, Endpoint, ListenerConfig, MonitoringConfig
 from pmdaemon.net.snapshot import LoopReport, Outcome
+
+from support.http import get
+from support.ports import free_port
 
 
 def listener(index: int, port: int, metrics_port: int | None, path: str = "/metrics") -> ListenerConfig:

@@ -1,16 +1,15 @@
 """The Listener actor replacing its pool on a config reload: what it knew of each backend is kept."""
 from __future__ import annotations
 
-from support.actorpool import Pool
-from support.ports import free_port
-from support.tinybackend import TinyBackend
-from support.wait import wait_until
-
 from pmdaemon.actors.health import HealthProbe
 from pmdaemon.actors.messages import InstanceEvent
 from pmdaemon.config.model import BackendConfig, HealthCheckConfig, ListenerConfig
 from pmdaemon.states import BackendState
 
+from support.actorpool import Pool
+from support.ports import free_port
+from support.tinybackend import TinyBackend
+from support.wait import wait_until
 
 CHECK = HealthCheckConfig(interval=0.2, timeout=1.0, failure_threshold=2)
 

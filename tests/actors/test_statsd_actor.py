@@ -32,7 +32,7 @@ def receive_flush(sock: socket.socket, first_line: str) -> tuple[list[str], list
             data = sock.recv(65535)
             sizes.append(len(data))
             lines.extend(data.decode().split("\n"))
-    except socket.timeout:
+    except TimeoutError:
         return lines, sizes
 
 

@@ -20,14 +20,15 @@ from pathlib import Path
 import psutil
 import pykka
 import pytest
-from support.http import get
-from support.paths import EXAMPLE_APPS, REPO, SERVER_APP, TEST_APPS
-from support.ports import free_port, free_port_range
-from support.wait import wait_until
 
 from pmdaemon.actors.messages import InstanceEvent
 from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
 from pmdaemon.config.model import AppConfig, instance_spec
+
+from support.http import get
+from support.paths import EXAMPLE_APPS, REPO, SERVER_APP, TEST_APPS
+from support.ports import free_port, free_port_range
+from support.wait import wait_until
 
 
 def app_config(name: str, script: Path, instances: int = 1, port: int | None = None, env: dict | None = None,

@@ -20,11 +20,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from pmdaemon.control.runtime import Runtime
+
 from support.daemon import CLI, DEFAULT_TIMEOUT, ForegroundDaemon, PmdaemonRunner, daemon_env
 from support.paths import REPO
 from support.wait import wait_until
-
-from pmdaemon.control.runtime import Runtime
 
 E2E_DIR = Path(__file__).resolve().parent
 

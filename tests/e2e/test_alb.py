@@ -19,6 +19,7 @@ import uuid
 
 import psutil
 import pytest
+
 from support.configs import alb_app, write_config
 from support.ports import free_port, free_port_range
 from support.wait import wait_until

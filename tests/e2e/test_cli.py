@@ -13,14 +13,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from pmdaemon.control.protocol import socket_path
+
 from support.configs import http_app_config, write_config
 from support.daemon import CLI, daemon_pid
 from support.paths import REPO
 from support.ports import free_port, free_port_range
 from support.processes import process_alive, processes_of_home
 from support.wait import wait_until
-
-from pmdaemon.control.protocol import socket_path
 
 
 def _online(pmdaemon, count: int) -> list[dict]:

@@ -14,14 +14,15 @@ import sys
 import textwrap
 
 import pytest
+
+from pmdaemon.control.protocol import MAX_MESSAGE_SIZE, ControlClient, DaemonNotRunning, encode_request, socket_path
+
 from support.configs import http_app_config, write_config
 from support.daemon import daemon_pid
 from support.paths import REPO
 from support.ports import free_port_range
 from support.processes import descendants, process_alive, processes_of_home
 from support.wait import wait_until
-
-from pmdaemon.control.protocol import MAX_MESSAGE_SIZE, ControlClient, DaemonNotRunning, encode_request, socket_path
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def _raw_exchange(home, payload: bytes, read_timeout: float = 10.0) -> list[dict
         try:
             while chunk := sock.recv(65536):
                 data += chunk
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             pass
     return [json.loads(line) for line in data.splitlines()]
 

@@ -13,6 +13,7 @@ import threading
 from contextlib import contextmanager
 
 import pytest
+
 from support.paths import EXAMPLE_APPS
 from support.ports import free_port
 from support.wait import wait_until

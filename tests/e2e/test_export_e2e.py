@@ -13,14 +13,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from pmdaemon.config.loader import load_config
+from pmdaemon.control.export import render
+
 from support.configs import http_app_config, write_config
 from support.exports import EXAMPLES, config_from, external, live_pools, server_lines, split_nginx
 from support.paths import REPO
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
-
-from pmdaemon.config.loader import load_config
-from pmdaemon.control.export import render
 
 NGINX = shutil.which("nginx")
 HAPROXY = shutil.which("haproxy")

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from support.configs import http_app_config, write_config
 from support.http import get
 from support.paths import REPO

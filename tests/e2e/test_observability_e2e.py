@@ -23,12 +23,13 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
 from support.configs import http_app_config, write_config
 from support.daemon import CLI, ForegroundDaemon, PmdaemonRunner
 from support.paths import REPO
@@ -119,7 +120,7 @@ class StatsdSocket:
                 data, _ = self.sock.recvfrom(65536)
                 self.lines.extend(data.decode().split("\n"))
                 self.sock.settimeout(0.05)
-        except socket.timeout:
+        except TimeoutError:
             pass
 
     def counter_total(self, name: str) -> float:
@@ -635,7 +636,7 @@ def test_stats_prometheus_and_statsd_count_exactly_the_requests_sent(foreground_
 
 
 def iso_seconds(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
 
 
 

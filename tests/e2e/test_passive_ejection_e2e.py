@@ -7,7 +7,6 @@ import http.client
 import time
 
 import pytest
-
 from test_resilience_e2e import admin, app_config, balanced, control, served, wait_state
 
 FOLLOWING = 40  # requests after the first 500, sent one after another

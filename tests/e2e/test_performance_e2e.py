@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from support.configs import http_app_config, write_config
 from support.paths import REPO, TEST_APPS
 from support.ports import free_port, free_port_range
@@ -59,7 +60,7 @@ class Traffic:
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for thread in self._threads:
             thread.start()
         return self

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import trustme
+
+from pmdaemon.config.loader import ConfigError, parse_config
+from pmdaemon.control.runtime import Runtime
+
 from support.configs import http_app_config, write_config
 from support.loadclient import LoadClient
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
-
-from pmdaemon.config.loader import ConfigError, parse_config
-from pmdaemon.control.runtime import Runtime
 
 HEALTH = {"url": "http://localhost:{{PORT}}/health", "interval": 0.2, "timeout": 1, "failure_threshold": 2}
 

@@ -22,13 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+from pmdaemon.control.protocol import ControlClient
+
 from support.configs import http_app_config, write_config
 from support.http import Reply, get
 from support.paths import REPO, TCP_ECHO_APP, TEST_APPS
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
-
-from pmdaemon.control.protocol import ControlClient
 
 SWITCHABLE = TEST_APPS / "switchable.py"
 CLIENT_A, CLIENT_B = "127.0.0.2", "127.0.0.3"  # two client addresses on the loopback network
@@ -109,7 +110,7 @@ class Traffic:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         self._thread.start()
         return self
 

@@ -8,15 +8,16 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from pmdaemon.config.loader import parse_config
+from pmdaemon.control.runtime import Runtime
+
 from support.configs import http_app_config
 from support.http import get
 from support.paths import TCP_ECHO_APP
 from support.ports import free_port, free_port_range
 from support.processes import descendants
 from support.wait import wait_until
-
-from pmdaemon.config.loader import parse_config
-from pmdaemon.control.runtime import Runtime
 
 
 def config(tmp_path: Path, data: dict):

@@ -14,6 +14,7 @@ from contextlib import closing
 from pathlib import Path
 
 import trustme
+
 from support.configs import http_app_config, write_config
 from support.http import Reply, get, https
 from support.paths import REPO

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import pytest
+
+from pmdaemon.config.loader import parse_config
+
 from support.looprunner import TlsFiles, who
 from support.paths import TCP_ECHO_APP
 from support.ports import free_port, free_port_range
 from support.proxyharness import connect
 from support.wait import wait_until
-
-from pmdaemon.config.loader import parse_config
 
 
 @pytest.mark.timeout(60)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import pytest
+
+from pmdaemon.config.loader import parse_config
+
 from support.configs import http_app_config
 from support.http import get, https
 from support.looprunner import TlsFiles
 from support.ports import free_port, free_port_range
 from support.wait import wait_until
-
-from pmdaemon.config.loader import parse_config
 
 
 @pytest.mark.timeout(60)

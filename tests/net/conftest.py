@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from support.backends import RecordingBackend
 from support.proxyharness import LB
 

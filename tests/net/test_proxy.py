@@ -7,11 +7,12 @@ import socket
 import time
 
 import pytest
+
+from pmdaemon.config.model import ConnectionPool, Limits, RateLimiting, Retries, Timeouts
+
 from support.backends import pattern_bytes, ws_frame
 from support.http import get
 from support.proxyharness import connect, exchange, read_all, read_response
-
-from pmdaemon.config.model import ConnectionPool, Limits, RateLimiting, Retries, Timeouts
 
 
 def test_round_robin_per_request_on_one_keepalive_connection_and_reuse(backends, lb):

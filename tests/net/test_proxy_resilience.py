@@ -7,10 +7,11 @@ import threading
 import time
 
 import pytest
-from support.http import get
-from support.proxyharness import connect, read_all, read_response
 
 from pmdaemon.config.model import Retries, Timeouts
+
+from support.http import get
+from support.proxyharness import connect, read_all, read_response
 
 
 def test_stale_pooled_connection_is_not_a_backend_failure(backends, lb):

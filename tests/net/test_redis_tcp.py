@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+
 from support.looprunner import RunningLoop
 from support.ports import free_port
 

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import trustme
-from support.looprunner import EchoServers, TlsFiles, recv_until_closed, running_loops, who
-from support.ports import free_port
 
 from pmdaemon.config.model import ConnectionPool, RateLimiting, Retries, Timeouts
 from pmdaemon.states import BackendState
 
+from support.looprunner import EchoServers, TlsFiles, recv_until_closed, running_loops, who
+from support.ports import free_port
 
 MiB = 1 << 20
 
@@ -66,7 +66,7 @@ class BackendClosingFirst:
             conn.shutdown(socket.SHUT_WR)
             self._received.append(recv_until_closed(conn))
 
-    def __enter__(self) -> "BackendClosingFirst":
+    def __enter__(self) -> BackendClosingFirst:
         self._thread.start()
         return self
 

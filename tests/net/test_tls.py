@@ -15,13 +15,14 @@ import warnings
 
 import pytest
 import trustme
-from support.backends import RecordingBackend, pattern_bytes
-from support.http import get, https
-from support.looprunner import TlsFiles, running_loops
 
 from pmdaemon.config.model import BackendTls, Limits
 from pmdaemon.net.snapshot import BackendView, PoolSnapshot
 from pmdaemon.states import BackendState
+
+from support.backends import RecordingBackend, pattern_bytes
+from support.http import get, https
+from support.looprunner import TlsFiles, running_loops
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import threading
 
 from pmdaemon.actors.health import HealthProbe
 from pmdaemon.actors.listener import Listener
-from pmdaemon.control.timers import Timers
 from pmdaemon.config.model import ListenerConfig
+from pmdaemon.control.timers import Timers
 
 
 class Pool:

@@ -29,7 +29,7 @@ class LoadClient:
         self._threads = [threading.Thread(target=self._keep_alive, daemon=True) for _ in range(keep_alive)]
         self._threads += [threading.Thread(target=self._fresh, daemon=True) for _ in range(fresh)]
 
-    def __enter__(self) -> "LoadClient":
+    def __enter__(self) -> LoadClient:
         for thread in self._threads:
             thread.start()
         return self

@@ -18,6 +18,7 @@ from pmdaemon.config.model import BackendConfig, ListenerConfig, SslConfig
 from pmdaemon.net.loop import IOLoop
 from pmdaemon.net.snapshot import BackendView, PoolSnapshot
 from pmdaemon.states import BackendState
+
 from support.paths import TCP_ECHO_APP
 from support.ports import free_port
 

@@ -34,7 +34,7 @@ def read_all(sock: socket.socket) -> bytes:
     while True:
         try:
             data = sock.recv(65536)
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             break
         if not data:
             break

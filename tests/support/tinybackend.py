@@ -55,7 +55,7 @@ class TinyBackend:
         self.server.server_close()
         self.thread.join(5)
 
-    def __enter__(self) -> "TinyBackend":
+    def __enter__(self) -> TinyBackend:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import pytest
-from support.configs import alb_app, write_config
 
 from pmdaemon.config.loader import ConfigError, load_config
+
+from support.configs import alb_app, write_config
 
 
 def test_config_checks_endpoint_url_and_target_id(tmp_path, app_script):

@@ -1,9 +1,10 @@
 """Alert rules: the per-rule state machine, without servers (delivery: tests/actors/test_alerter.py)."""
 import pytest
-from support.alerts import rule
 
 from pmdaemon.actors.alerter import RuleTracker
 from pmdaemon.states import AlertState
+
+from support.alerts import rule
 
 
 def test_rule_fires_only_after_holding_for_its_duration():

@@ -13,8 +13,8 @@ import trustme
 
 from pmdaemon.config import units
 from pmdaemon.config.alertrule import parse_condition
-from pmdaemon.config.model import Endpoint, HealthCheckConfig
 from pmdaemon.config.loader import ConfigError, effective_config, load_config
+from pmdaemon.config.model import Endpoint, HealthCheckConfig
 
 CPUS = len(os.sched_getaffinity(0))
 

@@ -10,9 +10,10 @@ import shutil
 
 import pytest
 import trustme
-from support.paths import EXAMPLES
 
 from pmdaemon.config.loader import effective_config, load_config
+
+from support.paths import EXAMPLES
 
 CONFIGS = sorted(EXAMPLES.glob("*.json")) + sorted(EXAMPLES.glob("*.toml"))
 APP_SCRIPTS = ("server.py", "server.js", "tcp_echo.py")

@@ -9,12 +9,13 @@ import re
 import shutil
 
 import pytest
-from support.exports import config_from, external, live_pools, server_lines, split_nginx
-from support.paths import REPO
 
 from pmdaemon.config.loader import load_config
 from pmdaemon.control.export import render
 from pmdaemon.states import BackendState
+
+from support.exports import config_from, external, live_pools, server_lines, split_nginx
+from support.paths import REPO
 
 
 def test_header_names_pmdaemon_and_the_config():

@@ -1,9 +1,18 @@
 """net/http1.py: bytes in, events out; no sockets."""
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pmdaemon.net.http1 import (END, NEED_DATA, PAUSED, HttpError, RequestHead, RequestReader, ResponseHead,
-                       ResponseReader)
+from pmdaemon.net.http1 import (
+    END,
+    NEED_DATA,
+    PAUSED,
+    HttpError,
+    RequestHead,
+    RequestReader,
+    ResponseHead,
+    ResponseReader,
+)
 
 
 def events(reader, data: bytes, chunk: int | None = None):

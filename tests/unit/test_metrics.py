@@ -5,8 +5,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pmdaemon.config.alertrule import METRICS as ALERT_METRICS
 from pmdaemon.config.model import BackendConfig, ListenerConfig, MonitoringConfig
 from pmdaemon.control.metrics import (
-    LATENCY_BUCKETS,
     ERROR_KINDS,
+    LATENCY_BUCKETS,
     Family,
     LatencyHistogram,
     LoadBalancerMetrics,

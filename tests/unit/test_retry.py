@@ -49,4 +49,4 @@ def test_resend_fresh(failure: Failure, reused: bool, idempotent: bool, replayab
 
 def test_policy_is_immutable() -> None:
     with pytest.raises(AttributeError):
-        setattr(POLICY, "max_attempts", 9)
+        POLICY.max_attempts = 9

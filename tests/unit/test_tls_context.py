@@ -4,10 +4,11 @@ from __future__ import annotations
 import ssl
 
 import trustme
-from support.looprunner import TlsFiles
 
 from pmdaemon.config.model import SslConfig
 from pmdaemon.net.tls import MOZILLA_INTERMEDIATE_CIPHERS, server_context
+
+from support.looprunner import TlsFiles
 
 
 def test_server_context_uses_mozilla_intermediate():
