@@ -7,7 +7,8 @@ import http.client
 import time
 
 import pytest
-from test_resilience_e2e import admin, app_config, balanced, control, served, wait_state
+
+from support.switchable import admin, app_config, balanced, control, served, wait_state
 
 FOLLOWING = 40  # requests after the first 500, sent one after another
 SPREAD = 1.5  # seconds they span: past the local bridge (1 s), so the control plane must have taken over
