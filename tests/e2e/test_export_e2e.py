@@ -80,20 +80,6 @@ def assert_haproxy_accepts(text: str, directory: Path) -> None:
     assert "[WARNING]" not in output and "[ALERT]" not in output, output
 
 
-@pytest.fixture
-def tls_pair(tmp_path):
-    """A certificate and its key: `server.crt` + `server.crt.key` (where HAProxy looks for the key)."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.1")
-    cert, key = tmp_path / "server.crt", tmp_path / "server.crt.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    key.chmod(0o600)
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    return cert, key
-
-
 @needs_nginx
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_nginx_accepts_the_export_of_each_example(example, tmp_path):
