@@ -8,9 +8,9 @@ Theory of operation, per rule (`RuleTracker`, a plain class):
 A tick whose values lack the rule's metric (no answer from the metrics) changes nothing.
 
 Values come from a callable `values(listener_index) -> dict` (keyed by the metric names of
-`config/alertrule.py`, as `MetricsActor.alert_values` answers), called on the Alerter's thread; `values_from(metrics_ref)` makes one that asks
-the MetricsActor. The Alerter asks for the listener's current index at every tick, so a reload that
-moves the listener needs only `reconfigure(listener)`.
+`config/alertrule.py`, as `MetricsActor.alert_values` answers), called on the Alerter's thread;
+`values_from(metrics_ref)` makes one that asks the MetricsActor. The Alerter asks for the listener's
+current index at every tick, so a reload that moves the listener needs only `reconfigure(listener)`.
 
 Delivery never blocks evaluation or another rule: each rule has its own courier thread and queue,
 so a webhook that hangs delays only that rule's later notifications (which stay in order: a
@@ -253,7 +253,8 @@ class _Courier:
     def _deliver(self, notification: Notification, smtp: SmtpConfig) -> None:
         rule = notification.rule
         if rule.action == "webhook":
-            send, target = (lambda: post_webhook(rule.url, notification.payload(), self._policy.timeout)), safe_url(rule.url)
+            send, target = (lambda: post_webhook(rule.url, notification.payload(), self._policy.timeout)), \
+                safe_url(rule.url)
         elif rule.action == "email":
             send, target = (lambda: send_email(smtp, rule.recipients, notification, self._policy.timeout)), \
                 f"{smtp.host}:{smtp.port}"
@@ -348,5 +349,6 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError):
         return str(exc.reason)
     if isinstance(exc, smtplib.SMTPResponseException):
-        return f"SMTP {exc.smtp_code} {exc.smtp_error.decode(errors='replace') if isinstance(exc.smtp_error, bytes) else exc.smtp_error}"
+        detail = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) else exc.smtp_error
+        return f"SMTP {exc.smtp_code} {detail}"
     return f"{exc.__class__.__name__}: {exc}"

@@ -247,7 +247,8 @@ class Listener(pykka.ThreadingActor):
             views.append(BackendView(
                 index=row.id, host=row.config.host, port=row.config.port, instance=row.config.instance,
                 weight=row.weight, state=state, region=row.config.region,
-                half_open_slots=self.config.circuit_breaker.half_open_requests if state == BackendState.HALF_OPEN else 0,
+                half_open_slots=(self.config.circuit_breaker.half_open_requests
+                                 if state == BackendState.HALF_OPEN else 0),
             ))
         return tuple(views)
 

@@ -67,7 +67,8 @@ class InstanceUsage:
     instances whose app has `monitoring.metrics_collection`; an instance left out is not running (or
     no longer collected)."""
 
-    samples: tuple[tuple[str, float, int], ...]  # (instance name, CPU % of one core, resident bytes) of the process tree
+    # (instance name, CPU % of one core, resident bytes) of the process tree
+    samples: tuple[tuple[str, float, int], ...]
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ class BreakerEvent:
 
 @dataclass(frozen=True)
 class BackendOutcomes:
-    """Runtime's report fan-out -> Backend / CircuitBreaker / RateLimiter actors: one listener's share of a LoopReport."""
+    """Runtime's report fan-out -> Backend / CircuitBreaker / RateLimiter actors: one listener's share of a
+    LoopReport."""
 
     outcomes: tuple[Outcome, ...]
     active: int = 0  # requests (HTTP) or connections (TCP) in flight on this backend at report time

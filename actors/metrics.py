@@ -171,9 +171,7 @@ class MetricsActor(pykka.ThreadingActor):
                 continue
             proxy = self.actor_ref.proxy()
             try:
-                self._servers[key] = _PrometheusServer(
-                    key[0], key[1], frozenset(paths),
-                    lambda detailed: proxy.render_prometheus(detailed).get(timeout=RENDER_TIMEOUT))
+                self._servers[key] = _PrometheusServer(key[0], key[1], frozenset(paths), _renderer(proxy))
             except OSError as exc:
                 log.error("cannot serve Prometheus metrics on %s:%d: %s", key[0], key[1], exc)
 
@@ -235,6 +233,11 @@ class _StatsdTarget:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _renderer(proxy: pykka.ActorProxy) -> Callable[[bool], str]:
+    """A _PrometheusServer's `render`: asks the MetricsActor behind `proxy` (from the server's threads)."""
+    return lambda detailed: proxy.render_prometheus(detailed).get(timeout=RENDER_TIMEOUT)
 
 
 class _PrometheusServer:

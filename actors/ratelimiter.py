@@ -34,7 +34,8 @@ class RateLimiter(pykka.ThreadingActor):
                         self._refused += 1
                         self._refused_by_client[outcome.client_ip] += 1
                 if len(self._refused_by_client) > MAX_TRACKED_CLIENTS:
-                    self._refused_by_client = Counter(dict(self._refused_by_client.most_common(MAX_TRACKED_CLIENTS // 2)))
+                    kept = self._refused_by_client.most_common(MAX_TRACKED_CLIENTS // 2)
+                    self._refused_by_client = Counter(dict(kept))
 
     def status(self, top: int = 10) -> dict:
         return {

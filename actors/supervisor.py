@@ -551,7 +551,8 @@ class ProcessSupervisor(pykka.ThreadingActor):
 
     def _ordered(self) -> list[_Instance]:
         apps = {name: rank for rank, name in enumerate(self._apps)}
-        return sorted(self._instances.values(), key=lambda i: (apps.get(i.spec.app, len(apps)), i.spec.app, i.spec.index))
+        return sorted(self._instances.values(),
+                      key=lambda i: (apps.get(i.spec.app, len(apps)), i.spec.app, i.spec.index))
 
     def _current(self, name: str, generation: int) -> _Instance | None:
         instance = self._instances.get(name)

@@ -128,7 +128,8 @@ class LbQueries:
                 "requests": traffic["requests"],
                 "errors": traffic["errors"],
                 "error_rate": traffic["error_rate"],
-                "latency_ewma_ms": None if traffic["latency_ewma"] is None else round(traffic["latency_ewma"] * 1000, 3),
+                "latency_ewma_ms": (None if traffic["latency_ewma"] is None
+                                    else round(traffic["latency_ewma"] * 1000, 3)),
                 "requests_per_second": traffic["requests_per_second"],
             })
             if scores is not None:

@@ -529,8 +529,10 @@ class LoadBalancerMetrics:
                     for backend in series.by_index:
                         active.add(listener + _backend_labels(backend), backend.active)
         if self._instances:
-            cpu = family("pmdaemon_instance_cpu_percent", "gauge", "CPU use of an instance's process tree, percent of one CPU.")
-            rss = family("pmdaemon_instance_memory_bytes", "gauge", "Resident memory of an instance's process tree, bytes.")
+            cpu = family("pmdaemon_instance_cpu_percent", "gauge",
+                         "CPU use of an instance's process tree, percent of one CPU.")
+            rss = family("pmdaemon_instance_memory_bytes", "gauge",
+                         "Resident memory of an instance's process tree, bytes.")
             for name, (cpu_percent, rss_bytes) in sorted(self._instances.items()):
                 cpu.add((("instance", name),), cpu_percent)
                 rss.add((("instance", name),), rss_bytes)
@@ -558,7 +560,8 @@ class LoadBalancerMetrics:
             per_status.add(listener + (("code", str(status)),), count)
 
     def _health_families(self, series: _ListenerSeries, listener, family) -> None:
-        up = family("pmdaemon_backend_up", "gauge", "1 when the backend is healthy (up, half-open or draining), else 0.")
+        up = family("pmdaemon_backend_up", "gauge",
+                    "1 when the backend is healthy (up, half-open or draining), else 0.")
         circuit = family("pmdaemon_backend_circuit_state", "gauge", "Circuit breaker: 0 closed, 1 half-open, 2 open.")
         for backend in series.by_index:
             labels = listener + _backend_labels(backend)

@@ -173,7 +173,7 @@ class Runtime(LbQueries):
             for index in bound:
                 self._loop.remove_listener(index)
             raise
-        self._next_listener_index = max([self._next_listener_index, *(l.index + 1 for l in listeners)])
+        self._next_listener_index = max([self._next_listener_index, *(listener.index + 1 for listener in listeners)])
         if self._loop_thread is None:
             self._loop_thread = threading.Thread(target=self._loop.run, name="pmdaemon-ioloop", daemon=True)
             self._loop_thread.start()
@@ -303,7 +303,8 @@ class Runtime(LbQueries):
         with self._operation():
             if self.config is None:
                 self.apply(config)
-                return {"config": config.source, "listeners": {"added": [l.port for l in config.listeners]},
+                return {"config": config.source,
+                        "listeners": {"added": [listener.port for listener in config.listeners]},
                         "apps": {"started": [a.name for a in config.apps]}}
             return self._reload_config(config)
 
@@ -371,8 +372,10 @@ class Runtime(LbQueries):
             self._apps[app.name] = app
         report = {
             "config": config.source,
-            "listeners": {"kept": [new.port for _, new in plan.kept], "added": [l.port for l in plan.added],
-                          "removed": [l.port for l in plan.removed], "rebound": [new.port for _, new in plan.rebound]},
+            "listeners": {"kept": [new.port for _, new in plan.kept],
+                          "added": [listener.port for listener in plan.added],
+                          "removed": [listener.port for listener in plan.removed],
+                          "rebound": [new.port for _, new in plan.rebound]},
             "apps": {"started": [a.name for a in apps.added], "stopped": list(apps.removed),
                      "restarted": [a.name for a in apps.restarted], "updated": [a.name for a in apps.updated],
                      "unchanged": list(apps.unchanged)},

@@ -41,7 +41,8 @@ class Timers:
         """Tell `message` to `actor_ref` after `delay` seconds (dropped if the actor has stopped)."""
         handle = TimerHandle()
         with self._wakeup:
-            heapq.heappush(self._heap, (time.monotonic() + max(0.0, delay), next(self._order), handle, actor_ref, message))
+            due = time.monotonic() + max(0.0, delay)
+            heapq.heappush(self._heap, (due, next(self._order), handle, actor_ref, message))
             self._wakeup.notify()
         return handle
 

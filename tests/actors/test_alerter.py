@@ -1,4 +1,5 @@
-"""The Alerter delivering alerts to real HTTP and SMTP servers (its rule state machine: tests/unit/test_alert_rules.py)."""
+"""The Alerter delivering alerts to real HTTP and SMTP servers (its rule state machine:
+tests/unit/test_alert_rules.py)."""
 import email
 import email.policy
 import json
@@ -201,7 +202,8 @@ def test_email_alert_is_delivered_with_login_from_the_environment(monkeypatch, c
         assert envelope.mail_from == "lb@example.test"
         assert envelope.rcpt_tos == ["admin@example.test", "ops@example.test"]
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        assert message["Subject"].strip() == "[pmdaemon] FIRING backend_down on http:18080: healthy_backends < 2 (value 1)"
+        assert message["Subject"].strip() == (
+            "[pmdaemon] FIRING backend_down on http:18080: healthy_backends < 2 (value 1)")
         assert '"state": "firing"' in message.get_content()
         assert logins == [(b"alerts", password.encode())]
         # The delivery thread logs "delivered" after QUIT, i.e. after the mailbox already holds the
@@ -243,7 +245,8 @@ def test_email_over_starttls(monkeypatch, tmp_path):
 
 def test_a_missing_password_variable_is_a_clear_error_naming_the_variable(monkeypatch):
     monkeypatch.delenv("PMDAEMON_TEST_UNSET_PASSWORD", raising=False)
-    smtp = SmtpConfig(host="127.0.0.1", port=free_port(), username="alerts", password_env="PMDAEMON_TEST_UNSET_PASSWORD")
+    smtp = SmtpConfig(host="127.0.0.1", port=free_port(), username="alerts",
+                      password_env="PMDAEMON_TEST_UNSET_PASSWORD")
     r = rule(action="email", recipients=("admin@example.test",))
     with pytest.raises(PermanentFailure, match="PMDAEMON_TEST_UNSET_PASSWORD"):
         send_email(smtp, r.recipients, Notification(r, AlertState.FIRING, 1, time.time(), listener(r)), timeout=1.0)

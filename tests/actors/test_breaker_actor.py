@@ -51,7 +51,8 @@ def test_opens_after_threshold_consecutive_failures_and_half_opens_after_recover
     breaker.tell(BackendOutcomes((outcome(0, 504, "timeout"),)))
     wait_until(lambda: pool.states() == [BackendState.OPEN, BackendState.UP], timeout=0.5, message="breaker open")
     opened_at = time.monotonic()
-    wait_until(lambda: pool.states() == [BackendState.HALF_OPEN, BackendState.UP], timeout=2, message="breaker half-open")
+    wait_until(lambda: pool.states() == [BackendState.HALF_OPEN, BackendState.UP], timeout=2,
+               message="breaker half-open")
     assert time.monotonic() - opened_at >= 0.4
     assert pool.snapshots[-1].backends[0].half_open_slots == 2
     breaker.tell(BackendOutcomes((outcome(0), outcome(0))))  # both trials succeed
@@ -62,10 +63,12 @@ def test_a_failed_trial_reopens_and_restarts_the_timer(breaker_pool):
     pool, breaker = breaker_pool
     breaker.tell(BackendOutcomes(tuple(outcome(1, 503) for _ in range(3))))
     wait_until(lambda: pool.states() == [BackendState.UP, BackendState.OPEN], timeout=0.5, message="breaker open")
-    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.HALF_OPEN], timeout=2, message="breaker half-open")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.HALF_OPEN], timeout=2,
+               message="breaker half-open")
     breaker.tell(BackendOutcomes((outcome(1, 0, "reset"),)))
     wait_until(lambda: pool.states() == [BackendState.UP, BackendState.OPEN], timeout=0.5, message="breaker open again")
-    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.HALF_OPEN], timeout=2, message="breaker half-open again")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.HALF_OPEN], timeout=2,
+               message="breaker half-open again")
 
 
 def test_responses_the_balancer_made_never_count(breaker_pool):

@@ -62,7 +62,8 @@ def test_snapshot_follows_instance_events(backends, make_pool):
     wait_until(lambda: pool.states() == [BackendState.UP, BackendState.DOWN], message="web-0 up")
 
     pool.listener.tell(online("web-0", "stopped"))
-    wait_until(lambda: pool.states() == [BackendState.DOWN, BackendState.DOWN], timeout=0.5, message="stopped instance down at once")
+    wait_until(lambda: pool.states() == [BackendState.DOWN, BackendState.DOWN], timeout=0.5,
+               message="stopped instance down at once")
 
     pool.listener.tell(online("web-0", "online"))
     pool.listener.tell(online("web-1", "online"))
@@ -124,7 +125,8 @@ def test_passive_ejection_quarantines_but_never_the_last_routable_backend(backen
     pool.listener.tell(Eject(1, "reset"))  # the last routable one: the passive rule alone keeps it
     time.sleep(0.3)
     assert pool.states() == [BackendState.DOWN, BackendState.UP]
-    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.UP], timeout=3, message="web-0 back after quarantine")
+    wait_until(lambda: pool.states() == [BackendState.UP, BackendState.UP], timeout=3,
+               message="web-0 back after quarantine")
     assert time.monotonic() - ejected_at >= 0.9
     assert pool.listener.proxy().backends().get()[0].health_error is None
 

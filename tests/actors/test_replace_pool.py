@@ -28,13 +28,15 @@ def test_a_replaced_pool_keeps_what_it_knew_of_each_backend_and_its_id():
         pool.probe.stop()
         config = ListenerConfig(index=0, port=free_port(), backends=(backends[1], backends[2]))
         rows = pool.listener.proxy().replace_pool(config).get()
+        # web-1 keeps id 1; web-2 a new id
         assert [(b.index, b.port, b.state) for b in pool.snapshots[-1].backends] == \
-            [(1, servers[1].port, BackendState.DRAINING), (2, servers[2].port, BackendState.DOWN)]  # web-1 keeps id 1; web-2 a new id
+            [(1, servers[1].port, BackendState.DRAINING), (2, servers[2].port, BackendState.DOWN)]
         seeded = [(row.process == "online", row.healthy) for row in rows]
         assert seeded == [(True, True), (True, False)]
         pool.probe = HealthProbe.start(config, pool.listener, None, pool.timers, seeded=seeded)
         pool.listener.proxy().attach_probe(pool.probe).get()
-        wait_until(lambda: pool.states() == [BackendState.DRAINING, BackendState.UP], message="web-2 up after its first check")
+        wait_until(lambda: pool.states() == [BackendState.DRAINING, BackendState.UP],
+                   message="web-2 up after its first check")
         servers[1].health_status = 503  # the seeded probe knows web-1 was up: failing checks take it down
         wait_until(lambda: pool.states() == [BackendState.DOWN, BackendState.UP], message="web-1 down")
     finally:

@@ -135,7 +135,7 @@ def test_http_instances_answer_on_their_ports(supervisor):
     base = free_port_range(2)
     supervisor.start_app(app_config("web", SERVER_APP, instances=2, port=base)).get()
     for i in range(2):
-        wait_until(lambda: answers(base + i), message=f"web-{i} listening")
+        wait_until(lambda i=i: answers(base + i), message=f"web-{i} listening")
         status, headers, body = get(base + i, "/who")
         assert (status, headers["X-Backend"], headers["X-Instance"]) == (200, str(base + i), str(i))
         assert body == f"instance {i} port {base + i}\n".encode()
@@ -336,7 +336,7 @@ def test_scale_adds_the_next_ports_and_removes_the_highest_numbered_first(superv
     assert supervisor.scale("web", 3).get() == {"app": "web", "instances": 3, "added": ["web-1", "web-2"],
                                                  "removed": []}
     for i in (1, 2):
-        wait_until(lambda: answers(base + i), message=f"web-{i} listening")
+        wait_until(lambda i=i: answers(base + i), message=f"web-{i} listening")
         assert get(base + i)[1]["X-Instance"] == str(i)
     doomed = [psutil.Process(row(supervisor, f"web-{i}")["pid"]) for i in (1, 2)]
     assert supervisor.scale("web", 1).get()["removed"] == ["web-2", "web-1"]

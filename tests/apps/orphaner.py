@@ -1,4 +1,5 @@
-"""Test app: leaves a short-lived orphan behind (a shell that backgrounds `sleep 0.2` and exits at once), then sleeps."""
+"""Test app: leaves a short-lived orphan behind (a shell that backgrounds `sleep 0.2` and exits at once),
+then sleeps."""
 import subprocess
 import time
 

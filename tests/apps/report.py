@@ -1,4 +1,5 @@
-"""Test app: writes what it was started with (argv, cwd, selected env) to REPORT_DIR/<PM2_INSTANCE_ID>.json, then sleeps."""
+"""Test app: writes what it was started with (argv, cwd, selected env) to REPORT_DIR/<PM2_INSTANCE_ID>.json,
+then sleeps."""
 import json
 import os
 import sys

@@ -243,7 +243,7 @@ def test_start_again_adds_listeners_on_new_ports_and_leaves_running_ones_alone(p
     before = {row["name"]: row["pid"] for row in _online(pmdaemon, 2)}
     assert sorted(before) == ["a-0", "b-0"]
     for port, base in ((port_a, base_a), (port_b, base_b)):
-        body = wait_until(lambda: _answer_through(port), 10, message=f"an answer through port {port}")
+        body = wait_until(lambda port=port: _answer_through(port), 10, message=f"an answer through port {port}")
         assert body == f"instance 0 port {base}"
     assert sorted(row["port"] for row in pmdaemon.json("lb", "status")) == sorted([port_a, port_b])
     assert [listener["port"] for listener in pmdaemon.json("lb", "config")["load_balancer"]] == [port_a, port_b]

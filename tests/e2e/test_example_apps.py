@@ -43,7 +43,8 @@ def _accepts(port: int) -> bool:
 
 
 def request(connection: http.client.HTTPConnection, method: str, path: str, body=None, headers=None):
-    connection.request(method, path, body=body, headers=headers or {}, encode_chunked=not isinstance(body, (bytes, type(None))))
+    connection.request(method, path, body=body, headers=headers or {},
+                       encode_chunked=not isinstance(body, (bytes, type(None))))
     response = connection.getresponse()
     return response.status, response, response.read()
 

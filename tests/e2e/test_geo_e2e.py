@@ -21,7 +21,8 @@ from support.ports import free_port, free_port_range
 from support.wait import wait_until
 
 EAST, WEST, EU = "us-east-1", "us-west-1", "eu-west-1"
-EAST_CLIENT, EU_CLIENT, UNKNOWN_CLIENT, PROXY, UNTRUSTED = "127.0.0.2", "127.0.0.3", "127.0.0.1", "127.0.0.4", "127.0.0.5"
+EAST_CLIENT, EU_CLIENT, UNKNOWN_CLIENT = "127.0.0.2", "127.0.0.3", "127.0.0.1"
+PROXY, UNTRUSTED = "127.0.0.4", "127.0.0.5"
 
 
 def region_app(app_script: Path, name: str, region: str, instances: int, **balancing) -> dict:

@@ -333,7 +333,8 @@ def stack(tmp_path_factory):
     data = stack_config(app_script, base, port, metrics_port=metrics_port, statsd_port=statsd.port, alerts=alerts)
     data["load_balancer"]["monitoring"]["metrics"] = {"connection_counts": False}
     config = write_config(directory, data)
-    daemon = start_foreground(home, config, directory / "daemon.log", env={"PMDAEMON_TEST_SMTP_PASSWORD": SMTP_PASSWORD})
+    daemon = start_foreground(home, config, directory / "daemon.log",
+                              env={"PMDAEMON_TEST_SMTP_PASSWORD": SMTP_PASSWORD})
     runner = PmdaemonRunner(home)
     try:
         wait_backends_up(runner, port)
@@ -555,7 +556,8 @@ def test_instance_cpu_and_memory_series_for_metrics_collection_apps(stack):
 
     def statsd_usage():  # statsd flushes every 10 s from the daemon's start
         stack.statsd.read(0.5)
-        return all(any(re.fullmatch(rf"pmdaemon\.instance_memory_bytes\.{name}:\d+\|g", line) for line in stack.statsd.lines)
+        return all(any(re.fullmatch(rf"pmdaemon\.instance_memory_bytes\.{name}:\d+\|g", line)
+                       for line in stack.statsd.lines)
                    for name in ("web-0", "web-1"))
     wait_until(statsd_usage, 15, interval=0, message="instance memory gauges over statsd")
 

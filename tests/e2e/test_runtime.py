@@ -188,7 +188,8 @@ def test_a_tcp_listener_balances_connections_over_connect_probed_backends(tmp_pa
     data = {"apps": [app], "load_balancer": {"type": "tcp", "port": lb_port, "host": "127.0.0.1", "apps": ["echo"]}}
     runtime.apply(config(tmp_path, data))
     wait_until(lambda: [b["state"] for b in runtime.lb_backends()] == ["up", "up"], message="both backends up")
-    assert [row["check"] for row in runtime.lb_health()] == [f"connect 127.0.0.1:{base}", f"connect 127.0.0.1:{base + 1}"]
+    assert [row["check"] for row in runtime.lb_health()] == [
+        f"connect 127.0.0.1:{base}", f"connect 127.0.0.1:{base + 1}"]
     answered = set()
     for _ in range(4):
         with socket.create_connection(("127.0.0.1", lb_port), timeout=5) as connection:

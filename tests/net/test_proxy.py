@@ -99,7 +99,8 @@ def test_body_size_limit_gives_413(backends, lb):
     proxy = lb([a], limits=Limits(max_body_size=1000))
     answer = exchange(proxy.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1001\r\n\r\n" + b"x" * 1001)
     assert answer.startswith(b"HTTP/1.1 413 ")
-    chunked = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"3e8\r\n" + b"x" * 1000 + b"\r\n1\r\nx\r\n0\r\n\r\n"
+    chunked = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"3e8\r\n" + b"x" * 1000 + b"\r\n1\r\nx\r\n0\r\n\r\n")
     assert exchange(proxy.port, chunked).startswith(b"HTTP/1.1 413 ")
     assert a.requests == []
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)

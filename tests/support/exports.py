@@ -8,7 +8,8 @@ from pmdaemon.states import BackendState
 STREAM_SECTION = "# --- main context"
 
 
-def live_pools(config, states=(BackendState.UP, BackendState.DRAINING, BackendState.DOWN, BackendState.OPEN), weights=None):
+def live_pools(config, states=(BackendState.UP, BackendState.DRAINING, BackendState.DOWN, BackendState.OPEN),
+               weights=None):
     """BackendViews as a Listener would publish them: states cycle through `states`."""
     pools = {}
     for listener in config.listeners:

@@ -145,7 +145,8 @@ def test_wrong_type_exact_message(cfgdir):
 
 def test_two_listeners_on_one_port_exact_message(cfgdir):
     err = error(cfgdir, {"apps": [app()], "load_balancer": [{"port": 8080}, {"port": 8080}]})
-    assert str(err) == "load_balancer[1].port: port 8080 is already used by load_balancer[0]; give each listener its own port"
+    assert str(err) == ("load_balancer[1].port: port 8080 is already used by load_balancer[0]; "
+                        "give each listener its own port")
 
 
 def test_unknown_top_level_key(cfgdir):
@@ -433,8 +434,10 @@ def test_reserved_and_invalid_app_names(cfgdir):
 def test_aws_alb(cfgdir):
     arn = "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/my-targets/73e2d6bc24d8a067"
     cfg = load(cfgdir, {"apps": [app(aws={"alb": {"target_group_arn": arn, "deregistration_delay": 30}})]})
-    assert cfg.apps[0].aws_alb == {"target_group_arn": arn, "health_check_path": "/health", "deregistration_delay": 30.0}
-    assert error(cfgdir, {"apps": [app(aws={"alb": {"target_group_arn": "nope"}})]}).path == "apps[0].aws.alb.target_group_arn"
+    assert cfg.apps[0].aws_alb == {"target_group_arn": arn, "health_check_path": "/health",
+                                   "deregistration_delay": 30.0}
+    err = error(cfgdir, {"apps": [app(aws={"alb": {"target_group_arn": "nope"}})]})
+    assert err.path == "apps[0].aws.alb.target_group_arn"
 
 
 # --------------------------------------------------------------------------- listeners and pools
@@ -545,7 +548,7 @@ def test_disabled_listener(cfgdir):
     cfg = load(cfgdir, {"apps": [app(load_balancer={})], "load_balancer": {"enabled": False}})
     assert cfg.listeners == ()
     cfg = load(cfgdir, {"apps": [app()], "load_balancer": [{"enabled": False, "port": 8080}, {"port": 8081}]})
-    assert [(l.index, l.port) for l in cfg.listeners] == [(1, 8081)]
+    assert [(listener.index, listener.port) for listener in cfg.listeners] == [(1, 8081)]
 
 
 def test_listener_list_defaults(cfgdir):
@@ -624,7 +627,8 @@ def test_geographic(cfgdir):
     listener = cfg.listeners[0]
     assert listener.strategy == "geographic" and listener.geo == {"10.1.0.0/16": "us-east-1"}
     assert listener.trusted_proxies == ("127.0.0.1/32",) and listener.region_header == "X-Region"
-    assert listener.backends[0].balancing.primary_region and listener.backends[0].balancing.fallback_regions == ("us-west-1",)
+    assert listener.backends[0].balancing.primary_region
+    assert listener.backends[0].balancing.fallback_regions == ("us-west-1",)
     err = error(cfgdir, {"apps": [app(load_balancer={"strategy": "geographic"})]})
     assert "region" in err.message
     err = error(cfgdir, {"apps": [app(region="a", load_balancer={"strategy": "geographic", "primary_region": True}),
@@ -676,8 +680,8 @@ def test_health_check_options(cfgdir):
 
 
 def test_tcp_listeners_check_by_connecting(cfgdir):
-    cfg = load(cfgdir, {"apps": [app(name="own", health_check={"interval": 2}), app(name="flagged", port=4000,
-                                                                                       load_balancer={"health_check": True})],
+    cfg = load(cfgdir, {"apps": [app(name="own", health_check={"interval": 2}),
+                                 app(name="flagged", port=4000, load_balancer={"health_check": True})],
                         "load_balancer": {"type": "tcp", "backend_ports": [3000, 4000, 9000], "health_check": {}}})
     kinds = [(b.address, b.health_check.kind) for b in cfg.listeners[0].backends]
     assert kinds == [("127.0.0.1:3000", "tcp"), ("127.0.0.1:4000", "tcp"), ("127.0.0.1:9000", "tcp")]
@@ -740,8 +744,8 @@ def test_certificate_and_key_must_belong_together(certs):
 
 
 def test_disabled_ssl_does_not_need_files(cfgdir):
-    listener = load(cfgdir, {"load_balancer": {"backend_ports": [3000], "ssl": {"enabled": False,
-                                                                                "cert_file": "absent.crt"}}}).listeners[0]
+    listener = load(cfgdir, {"load_balancer": {"backend_ports": [3000],
+                                               "ssl": {"enabled": False, "cert_file": "absent.crt"}}}).listeners[0]
     assert not listener.ssl.enabled
 
 
@@ -761,7 +765,7 @@ def test_monitoring_export_defaults_and_overrides(cfgdir):
                                       "export": {"prometheus": True, "statsd": True}}},
         {"port": 8081, "monitoring": {"export": {"prometheus": {"port": 9700, "path": "/m"},
                                                  "statsd": {"host": "127.0.0.2", "prefix": "lb."}}}}]})
-    first, second = (l.monitoring for l in cfg.listeners)
+    first, second = (listener.monitoring for listener in cfg.listeners)
     assert first.prometheus == Endpoint("127.0.0.1", 9615, "/metrics")
     assert first.statsd == Endpoint("127.0.0.1", 8125, "pmdaemon.")
     assert first.metrics["response_times"] is False and first.metrics["requests_per_second"] is True

@@ -15,9 +15,9 @@ def test_listeners_are_matched_by_port_and_indexes_are_never_reused():
     plan = plan_listeners(running, new, next_index=3)
     assert [(old.index, n.index, n.strategy) for old, n in plan.kept] == [(1, 1, "ip_hash")]
     assert [(old.index, n.index) for old, n in plan.rebound] == [(2, 4)]  # http -> tcp: a socket of its own
-    assert [(l.port, l.index) for l in plan.added] == [(9000, 3)]
-    assert [l.port for l in plan.removed] == [8080]
-    assert [(l.port, l.index) for l in plan.listeners] == [(8081, 1), (9000, 3), (8082, 4)]
+    assert [(listener.port, listener.index) for listener in plan.added] == [(9000, 3)]
+    assert [listener.port for listener in plan.removed] == [8080]
+    assert [(listener.port, listener.index) for listener in plan.listeners] == [(8081, 1), (9000, 3), (8082, 4)]
 
 
 def test_apps_restart_only_when_their_processes_would_start_differently():

@@ -24,7 +24,7 @@ def test_lookup_is_deterministic_across_rebuilds():
 def test_distribution_is_roughly_even():
     counts = Counter(placement(HashRing(FIVE)).values())
     assert set(counts) == set(FIVE)
-    for member, count in counts.items():
+    for _member, count in counts.items():
         assert 0.75 * 4000 < count < 1.25 * 4000, counts
 
 

@@ -161,14 +161,16 @@ def test_response_until_close_and_interim():
     reader, evs = response_events(b"GET", b"HTTP/1.0 200 OK\r\n\r\nabc")
     assert evs[0].until_close and not evs[0].keep_alive and body_of(evs) == b"abc"
     assert reader.feed_eof() == END
-    reader, evs = response_events(b"POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    reader, evs = response_events(
+        b"POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
     assert [e.status for e in evs if isinstance(e, ResponseHead)] == [100, 201] and evs[-1] == END
     reader, evs = response_events(b"GET", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\nraw")
     assert evs[0].status == 101 and reader.take_buffer() == b"raw"
 
 
 @pytest.mark.parametrize("data", [
-    b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTX/1.1 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTX/1.1 200 OK\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\n",
 ])

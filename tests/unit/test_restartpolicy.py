@@ -18,7 +18,8 @@ def crash_loop(rules: RestartRules, uptimes: list[float]):
 def test_unstable_crashes_restart_max_restarts_times_then_errored():
     rules = RestartRules(max_restarts=3, min_uptime=1.0)
     verdicts = crash_loop(rules, [0.1] * 4)
-    assert [v.action for v in verdicts] == [CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.ERRORED]
+    assert [v.action for v in verdicts] == [CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART,
+                                            CrashAction.ERRORED]
     assert all(v.unstable for v in verdicts)
     assert "max_restarts (3)" in verdicts[-1].reason
 
@@ -30,7 +31,8 @@ def test_max_restarts_zero_means_the_first_unstable_crash_is_final():
 def test_a_run_past_min_uptime_ends_the_unstable_streak():
     rules = RestartRules(max_restarts=2, min_uptime=1.0)
     verdicts = crash_loop(rules, [0.1, 0.1, 5.0, 0.1, 0.1, 0.1])
-    assert [v.action for v in verdicts] == [CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART, CrashAction.ERRORED]
+    assert [v.action for v in verdicts] == [CrashAction.RESTART, CrashAction.RESTART, CrashAction.RESTART,
+                                            CrashAction.RESTART, CrashAction.RESTART, CrashAction.ERRORED]
     assert not verdicts[2].unstable
 
 

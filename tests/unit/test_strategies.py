@@ -45,7 +45,8 @@ class Clock:
         return self.now
 
 
-def view(i: int, state: str = BackendState.UP, weight: int = 1, region: str | None = None, slots: int = 0, port=None) -> BackendView:
+def view(i: int, state: str = BackendState.UP, weight: int = 1, region: str | None = None, slots: int = 0,
+         port=None) -> BackendView:
     return BackendView(i, "127.0.0.1", port or BASE_PORT + i, f"app-{i}", weight, state, region, slots)
 
 
@@ -660,7 +661,8 @@ def test_sticky_pin_to_half_open_backend_respects_trial_slots():
     strategy.update(pool(2))
     first = strategy.choose("10.0.0.1", Head())
     pinned = Head(cookies={COOKIE: issued_cookie(strategy, Head(), first)})
-    strategy.update(snapshot(*(view(i, BackendState.HALF_OPEN if i == first.index else BackendState.UP, slots=1) for i in range(2))))
+    strategy.update(snapshot(*(view(i, BackendState.HALF_OPEN if i == first.index else BackendState.UP, slots=1)
+                               for i in range(2))))
     assert strategy.choose("10.0.0.1", pinned).index == strategy.choose("10.0.0.1", pinned).index == first.index
     strategy.started(first.index)
     assert strategy.choose("10.0.0.1", pinned).index != first.index
@@ -675,8 +677,10 @@ REGIONS = {0: "us-east-1", 1: "us-east-1", 2: "us-west-1", 3: "eu-west-1", 4: "s
 
 def geographic(**options) -> Geographic:
     backends = [
-        backend(0, "us-east-1", strategy="geographic", primary_region=True, fallback_regions=("us-west-1", "eu-west-1")),
-        backend(1, "us-east-1", strategy="geographic", primary_region=True, fallback_regions=("us-west-1", "eu-west-1")),
+        backend(0, "us-east-1", strategy="geographic", primary_region=True,
+                fallback_regions=("us-west-1", "eu-west-1")),
+        backend(1, "us-east-1", strategy="geographic", primary_region=True,
+                fallback_regions=("us-west-1", "eu-west-1")),
         backend(2, "us-west-1", strategy="geographic"),
         backend(3, "eu-west-1", strategy="geographic", fallback_regions=("us-east-1",)),
         backend(4, "sa-east-1"),

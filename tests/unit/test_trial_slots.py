@@ -56,7 +56,8 @@ def test_a_period_lasts_while_snapshots_show_half_open_and_the_next_starts_afres
     trials = TrialSlots()
     trials.update(snapshot(1, BackendState.HALF_OPEN, BackendState.UP, slots=1))
     trials.record(outcome(0, 500))
-    trials.update(snapshot(2, BackendState.HALF_OPEN, BackendState.HALF_OPEN, slots=1))  # another backend changed: same period
+    # another backend changed: same period
+    trials.update(snapshot(2, BackendState.HALF_OPEN, BackendState.HALF_OPEN, slots=1))
     assert not trials.admits(0, in_flight=0)
     assert trials.admits(1, in_flight=0)
     trials.update(snapshot(3, BackendState.OPEN, BackendState.HALF_OPEN, slots=1))
