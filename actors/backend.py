@@ -18,7 +18,7 @@ from collections import deque
 import pykka
 
 from pmdaemon.actors.breaker import is_backend_failure
-from pmdaemon.actors.messages import BackendOutcomes, Eject
+from pmdaemon.actors.messages import BackendOutcomes, BackendTraffic, Eject
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.control.perfscore import Ewma
 
@@ -84,21 +84,21 @@ class Backend(pykka.ThreadingActor):
             reason = first_failure.error or f"status {first_failure.status}"
             self._listener_ref.tell(Eject(self._index, reason))
 
-    def stats(self) -> dict:
+    def stats(self) -> BackendTraffic:
         now = time.monotonic()
         window = [r for r in self._recent if r[0] >= now - ERROR_WINDOW]
         recent_requests = sum(r[1] for r in window)
         recent_errors = sum(r[2] for r in window)
         rate_requests = sum(r[1] for r in window if r[0] >= now - RATE_WINDOW)
-        return {
-            "address": self._address,
-            "active": self._active,
-            "requests": self._requests,
-            "errors": self._errors,
-            "bytes_in": self._bytes_in,
-            "bytes_out": self._bytes_out,
-            "latency_ewma": self._latency.value,  # seconds; None before the first success
-            "error_rate": recent_errors / recent_requests if recent_requests else None,  # last minute
-            "error_rate_ewma": self._failing.value,  # 0..1; None before the first request
-            "requests_per_second": rate_requests / RATE_WINDOW,
-        }
+        return BackendTraffic(
+            address=self._address,
+            active=self._active,
+            requests=self._requests,
+            errors=self._errors,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            latency_ewma=self._latency.value,
+            error_rate=recent_errors / recent_requests if recent_requests else None,
+            error_rate_ewma=self._failing.value,
+            requests_per_second=rate_requests / RATE_WINDOW,
+        )

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import pykka
 
-from pmdaemon.actors.messages import HealthEvent, MarkDown, ProcessStatus, Tick
+from pmdaemon.actors.messages import HealthEvent, HealthInfo, MarkDown, ProcessStatus, Tick
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.control.healthcheck import STARTING_INTERVAL, CheckTarget, HealthCounter, run_round
 from pmdaemon.control.timers import TimerHandle, Timers
@@ -113,32 +113,28 @@ class HealthProbe(pykka.ThreadingActor):
 
     # --- queries (asked by the Runtime) ---
 
-    def status(self) -> list[dict]:
-        """One row per backend for `lb health`."""
-        rows = []
-        for i, check in enumerate(self._checks):
-            rows.append({
-                "backend": self._backends[i].address,
-                "instance": self._backends[i].instance,
-                "check": check.target.description,
-                "state": BackendState.UP if check.counter.healthy else BackendState.DOWN,
-                "checking": check.running,
-                "last_check": check.last_check,
-                "consecutive_failures": check.counter.consecutive_failures,
-                "consecutive_successes": check.counter.consecutive_successes,
-                "last_error": check.last_error,
-            })
-        return rows
+    def status(self) -> list[HealthInfo]:
+        """One record per backend, in ListenerConfig.backends order."""
+        return [HealthInfo(
+            backend=self._backends[i].address,
+            instance=self._backends[i].instance,
+            check=check.target.description,
+            state=BackendState.UP if check.counter.healthy else BackendState.DOWN,
+            checking=check.running,
+            last_check=check.last_check,
+            consecutive_failures=check.counter.consecutive_failures,
+            consecutive_successes=check.counter.consecutive_successes,
+            last_error=check.last_error,
+        ) for i, check in enumerate(self._checks)]
 
-    def check_now(self) -> list[tuple[dict, Future]]:
-        """Run every backend's check once, now, on the pool; the caller waits on the futures.
+    def check_now(self) -> list[tuple[HealthInfo, Future]]:
+        """Run every backend's check once, now, on the pool; the caller waits on the futures (each
+        backend's record says which check it is).
 
         Results do not feed the up/down counters: `lb health-check --test` observes, it does not steer.
         """
-        return [({"backend": self._backends[i].address, "instance": self._backends[i].instance,
-                  "check": check.target.description},
-                 self._pool.submit(run_round, check.target))
-                for i, check in enumerate(self._checks)]
+        return [(info, self._pool.submit(run_round, check.target))
+                for info, check in zip(self.status(), self._checks)]
 
     # --- message handlers ---
 

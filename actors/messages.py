@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pmdaemon.control.perfscore import BackendMetrics
 from pmdaemon.net.snapshot import Outcome
 from pmdaemon.states import BackendState, BreakerState, InstanceStatus
 
@@ -40,6 +41,17 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True)
+class ScaleResult:
+    """ProcessSupervisor -> Runtime (`scale()`): what a scale changed. The Runtime waits for `added` to
+    join their pools and for `removed` to be gone; `pmdaemon scale` prints these fields."""
+
+    app: str
+    instances: int
+    added: tuple[str, ...]  # started, lowest index first
+    removed: tuple[str, ...]  # asked to stop and be forgotten, highest index first
+
+
+@dataclass(frozen=True)
 class BackendInfo:
     """Listener -> whoever asks (`backends()`, `drain()`, `enable()`, `replace_pool()`): one backend of
     its pool table, the parts of `lb backends` the Listener knows."""
@@ -59,6 +71,50 @@ class BackendInfo:
     weight: int
     region: str | None
     listener: int  # the listener's port
+
+
+@dataclass(frozen=True)
+class HealthInfo:
+    """HealthProbe -> whoever asks (`status()`, `check_now()`): one backend's active checks. The rollout
+    reads `last_error` to say why an instance did not come up; `lb health` prints these fields."""
+
+    backend: str  # the backend's address
+    instance: str | None
+    check: str  # what a round does, e.g. "GET http://127.0.0.1:3000/health"
+    state: BackendState  # UP or DOWN, as the checks decided
+    checking: bool  # its process runs, so rounds are scheduled
+    last_check: float | None  # time.time() of the last finished round
+    consecutive_failures: int
+    consecutive_successes: int
+    last_error: str | None  # why the last round failed (or the backend was ejected)
+
+
+@dataclass(frozen=True)
+class BackendTraffic:
+    """Backend -> whoever asks (`stats()`): the roll-up of one backend's live traffic. The Scorer reads
+    the EWMAs, `lb backends` the counts and rates."""
+
+    address: str
+    active: int  # requests (HTTP) or connections (TCP) in flight at the last report
+    requests: int
+    errors: int
+    bytes_in: int
+    bytes_out: int
+    latency_ewma: float | None  # seconds; None before the first success
+    error_rate: float | None  # over the last minute; None without requests in it
+    error_rate_ewma: float | None  # 0..1; None before the first request
+    requests_per_second: float
+
+
+@dataclass(frozen=True)
+class BackendScore:
+    """Scorer -> whoever asks (`scores()`): a performance_based backend's score at the last update (the
+    weight it is moving to, 1..100, 100 = the best backend), its current weight, and the metrics the
+    score came from (None before the first update)."""
+
+    score: int
+    weight: int
+    metrics: BackendMetrics | None
 
 
 @dataclass(frozen=True)

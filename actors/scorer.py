@@ -12,7 +12,7 @@ import logging
 
 import pykka
 
-from pmdaemon.actors.messages import EffectiveWeights, Tick
+from pmdaemon.actors.messages import BackendScore, EffectiveWeights, Tick
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.control.perfscore import MAX_WEIGHT, BackendMetrics, PerformanceScorer
 from pmdaemon.control.timers import Timers
@@ -49,12 +49,10 @@ class Scorer(pykka.ThreadingActor):
                 log.warning("performance scores not updated this interval: %r", e)
             self._timers.tell_later(self._interval, self.actor_ref, _SCORE)
 
-    def scores(self) -> list[dict]:
-        """Per backend: its score at the last update (the weight it is moving to, 1..100, 100 = the
-        best backend), its current weight, and the metrics the score came from."""
+    def scores(self) -> list[BackendScore]:
+        """Per backend, in ListenerConfig.backends order."""
         scores, weights = self._scorer.scores, self._scorer.weights
-        return [{"score": scores.get(i, MAX_WEIGHT), "weight": weights.get(i, MAX_WEIGHT),
-                 "metrics": vars(self._last[i]) if i in self._last else None}
+        return [BackendScore(scores.get(i, MAX_WEIGHT), weights.get(i, MAX_WEIGHT), self._last.get(i))
                 for i in range(len(self._backends))]
 
     def _score(self) -> None:
@@ -65,8 +63,8 @@ class Scorer(pykka.ThreadingActor):
         for i, (backend, traffic) in enumerate(zip(self._backends, stats)):
             process = usage.get(backend.instance) if backend.instance else None
             metrics[i] = BackendMetrics(
-                response_time=traffic["latency_ewma"],
-                error_rate=traffic["error_rate_ewma"],
+                response_time=traffic.latency_ewma,
+                error_rate=traffic.error_rate_ewma,
                 cpu_usage=process.cpu if process else None,
                 memory_usage=process.memory if process else None,
             )

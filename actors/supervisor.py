@@ -43,6 +43,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum, auto
 from pathlib import Path
@@ -50,7 +51,7 @@ from pathlib import Path
 import psutil
 import pykka
 
-from pmdaemon.actors.messages import InstanceEvent, InstanceInfo, InstanceUsage
+from pmdaemon.actors.messages import InstanceEvent, InstanceInfo, InstanceUsage, ScaleResult
 from pmdaemon.config.model import AppConfig, InstanceSpec, instance_spec
 from pmdaemon.control import proctree
 from pmdaemon.control.instancelogs import InstanceLogs
@@ -226,7 +227,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
             self._request_stop(instance, Goal.REMOVE)
         return [i.name for i in selected]
 
-    def scale(self, app: str, count: int) -> dict:
+    def scale(self, app: str, count: int) -> ScaleResult:
         """Run `count` instances of `app`: new ones get the next increment_var ports; the highest-numbered go first."""
         if app not in self._apps:
             raise UnknownTarget(f"no app named {app!r}")
@@ -243,7 +244,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
             if index not in taken:
                 added.append(self._launch_index(config, index).name)
             index += 1
-        return {"app": app, "instances": count, "added": added, "removed": removed}
+        return ScaleResult(app, count, tuple(added), tuple(removed))
 
     def update_app(self, app: AppConfig) -> None:
         """Use `app`'s config (same name) from the next spawn of each of its instances on; running
@@ -310,7 +311,7 @@ class ProcessSupervisor(pykka.ThreadingActor):
         """Tell `actor_ref` an InstanceUsage every `sample_interval` (app `monitoring.metrics_collection`)."""
         self._usage_subscribers.append(actor_ref)
 
-    def settled(self, names: list[str]) -> pykka.ThreadingFuture:
+    def settled(self, names: Collection[str]) -> pykka.ThreadingFuture:
         """A future set (to the `InstanceInfo`s of those still present) once none of `names` is stopping
         or launching.
 

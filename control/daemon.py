@@ -241,14 +241,14 @@ class Daemon:
     def _apply(self, config) -> dict:
         """Apply a config on top of whatever runs: new apps and listeners on new ports start, apps and
         ports already running are left alone (and reported)."""
-        rows = self._supervisor().list().get(timeout=ASK_TIMEOUT)
-        running_apps = {row["app"] for row in rows}
-        before = {row["name"] for row in rows}
+        infos = self._supervisor().instances().get(timeout=ASK_TIMEOUT)
+        running_apps = {info.app for info in infos}
+        before = {info.name for info in infos}
         added, left_alone = self.runtime.apply(config)
-        rows = self._supervisor().list().get(timeout=ASK_TIMEOUT)
+        infos = self._supervisor().instances().get(timeout=ASK_TIMEOUT)
         return {
             "config": config.source,
-            "started": [row["name"] for row in rows if row["name"] not in before],
+            "started": [info.name for info in infos if info.name not in before],
             "unchanged_apps": [app.name for app in config.apps if app.name in running_apps],
             "listeners": [f"{listener.host}:{listener.port}" for listener in added],
             "unchanged_listeners": [f"{listener.host}:{listener.port}" for listener in left_alone],
@@ -336,8 +336,8 @@ class Daemon:
         return frame
 
     def _kill(self) -> dict:
-        rows = self._supervisor().list().get(timeout=ASK_TIMEOUT) if self.runtime is not None else []
-        return {"pid": os.getpid(), "instances": [row["name"] for row in rows]}
+        infos = self._supervisor().instances().get(timeout=ASK_TIMEOUT) if self.runtime is not None else []
+        return {"pid": os.getpid(), "instances": [info.name for info in infos]}
 
 
 def _arg_str(args: dict, name: str) -> str:

@@ -11,6 +11,7 @@ MetricsActor, None before the first listener) and `_units()` (the running `Liste
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import UTC
 
 import pykka
@@ -49,16 +50,18 @@ class LbQueries:
     def lb_health(self) -> list[dict]:
         rows = []
         for unit in self._units():
-            for row in unit.probe.proxy().status().get(timeout=ASK_TIMEOUT):
-                rows.append({"listener": unit.config.port, **row})
+            for info in unit.probe.proxy().status().get(timeout=ASK_TIMEOUT):
+                rows.append({"listener": unit.config.port, **asdict(info)})
         return rows
 
     def lb_health_check_test(self) -> list[dict]:
         """Every backend's check, run once now (concurrently); each row says `ok` and, if not, `error`."""
         pending = []
         for unit in self._units():
-            for row, future in unit.probe.proxy().check_now().get(timeout=ASK_TIMEOUT):
-                pending.append(({"listener": unit.config.port, **row}, future))
+            for info, future in unit.probe.proxy().check_now().get(timeout=ASK_TIMEOUT):
+                row = {"listener": unit.config.port, "backend": info.backend, "instance": info.instance,
+                       "check": info.check}
+                pending.append((row, future))
         results = []
         for row, future in pending:
             error = future.result()
@@ -119,21 +122,22 @@ class LbQueries:
                 # cli.md: a tripped breaker shows as `open`, half-open (trial requests only) included.
                 "state": BackendState.OPEN if info.state == BackendState.HALF_OPEN else info.state,
                 "weight": info.weight,
-                "active": traffic["active"],
+                "active": traffic.active,
                 "breaker": info.breaker,
                 "listener": unit.config.port,
                 "process": info.process,
                 "healthy": info.healthy,
                 "region": info.region,
-                "requests": traffic["requests"],
-                "errors": traffic["errors"],
-                "error_rate": traffic["error_rate"],
-                "latency_ewma_ms": (None if traffic["latency_ewma"] is None
-                                    else round(traffic["latency_ewma"] * 1000, 3)),
-                "requests_per_second": traffic["requests_per_second"],
+                "requests": traffic.requests,
+                "errors": traffic.errors,
+                "error_rate": traffic.error_rate,
+                "latency_ewma_ms": (None if traffic.latency_ewma is None
+                                    else round(traffic.latency_ewma * 1000, 3)),
+                "requests_per_second": traffic.requests_per_second,
             })
             if scores is not None:
                 # performance_based: the score the weight is moving to, and what it was computed from.
-                merged[-1]["score"] = scores[i]["score"]
-                merged[-1]["performance"] = scores[i]["metrics"]
+                merged[-1]["score"] = scores[i].score
+                metrics = scores[i].metrics
+                merged[-1]["performance"] = None if metrics is None else asdict(metrics)
         return merged

@@ -164,7 +164,7 @@ class Rollout:
             raise RolloutAborted(f"{instance.name} is gone (deleted or scaled away)")
         self.settled([instance.name], instance.kill_timeout)
 
-    def settled(self, names: list[str], kill_timeout: float) -> None:
+    def settled(self, names: Sequence[str], kill_timeout: float) -> None:
         """Wait until the supervisor has finished starting or stopping these instances."""
         future = self._supervisor.settled(names).get(timeout=ASK_TIMEOUT)
         try:
@@ -236,7 +236,7 @@ def _ready(instance: Instance, seats: Sequence[Seat]) -> bool:
 def _last_error(seats: Sequence[Seat]) -> str:
     for seat in seats:
         if seat.probe is not None:
-            error = seat.probe.proxy().status().get(timeout=ASK_TIMEOUT)[seat.position]["last_error"]
+            error = seat.probe.proxy().status().get(timeout=ASK_TIMEOUT)[seat.position].last_error
             if error:
                 return f" (last check: {error})"
     return ""

@@ -30,7 +30,7 @@ import errno
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pykka
@@ -279,16 +279,16 @@ class Runtime(LbQueries):
                 self._set_app_pools(app, [(i.name, i.port) for i in running[:n]],
                                     gone={i.name for i in leaving})
                 result = self.supervisor.proxy().scale(app, n).get(timeout=ASK_TIMEOUT)
-                rollout.settled(result["removed"], max(i.kill_timeout for i in leaving))
+                rollout.settled(result.removed, max(i.kill_timeout for i in leaving))
             else:
                 result = self.supervisor.proxy().scale(app, n).get(timeout=ASK_TIMEOUT)
                 now = self._instances(app)
                 self._set_app_pools(app, [(i.name, i.port) for i in now], gone=set())
                 pending = rollout.wait_joined({i.name: (i, self._seats(i.name)) for i in now
-                                               if i.name in result["added"]})
+                                               if i.name in result.added})
             if app in self._apps:
                 self._record_app(replace(self._apps[app], instances=n))
-            return {**result, "pending": pending}
+            return {**asdict(result), "pending": pending}
 
     def reload_config(self, config: Config) -> dict:
         """`pmdaemon reload --config` and SIGHUP: apply a changed config in place.
@@ -363,7 +363,7 @@ class Runtime(LbQueries):
             before = {i.name for i in self._instances(app.name)}
             supervisor.update_app(app).get(timeout=ASK_TIMEOUT)
             result = supervisor.scale(app.name, app.instances).get(timeout=ASK_TIMEOUT)
-            rollout.settled(result["removed"], self._kill_timeout(app.name))
+            rollout.settled(result.removed, self._kill_timeout(app.name))
             self._apps[app.name] = app
             if app in apps.restarted:
                 rolling += [i for i in self._instances(app.name) if i.name in before]

@@ -40,10 +40,10 @@ def test_backend_starts_down_and_comes_up_at_its_first_passing_check(make_pool):
         pool = make_pool(checked(backend.port))
         wait_until(lambda: backend.health_requests >= 2, message="two failing checks")
         assert pool.states() == [BackendState.DOWN]
-        assert pool.health()[0]["last_error"] == "status 503"
+        assert pool.health()[0].last_error == "status 503"
         backend.health_status = 200
         wait_until(lambda: pool.states() == [BackendState.UP], message="backend up")
-        assert pool.health()[0]["state"] == "up"
+        assert pool.health()[0].state == "up"
 
 
 def test_down_after_failure_threshold_failed_rounds_then_up_again(make_pool):
@@ -54,7 +54,7 @@ def test_down_after_failure_threshold_failed_rounds_then_up_again(make_pool):
         failing_from = backend.health_requests
         wait_until(lambda: pool.states() == [BackendState.DOWN], message="backend down")
         assert backend.health_requests - failing_from >= 3  # three failed rounds, not one
-        assert pool.health()[0]["consecutive_failures"] >= 3
+        assert pool.health()[0].consecutive_failures >= 3
         backend.health_status = 204
         wait_until(lambda: pool.states() == [BackendState.UP], message="backend up again")
 
@@ -73,7 +73,7 @@ def test_url_with_port_placeholder_is_checked_on_the_backend_port(make_pool):
     with TinyBackend() as backend:
         pool = make_pool(checked(backend.port, url="http://localhost:{{PORT}}/health?deep=1"))
         wait_until(lambda: pool.states() == [BackendState.UP], message="backend up")
-        assert pool.health()[0]["check"] == f"GET http://localhost:{backend.port}/health?deep=1"
+        assert pool.health()[0].check == f"GET http://localhost:{backend.port}/health?deep=1"
 
 
 def test_backend_without_check_is_up_once_its_port_accepts_and_down_when_it_closes(make_pool):
@@ -102,5 +102,5 @@ def test_check_now_runs_every_check_and_reports_each_result(make_pool):
     with TinyBackend("good") as good, TinyBackend("bad") as bad:
         bad.health_status = 503
         pool = make_pool(checked(good.port, interval=30), checked(bad.port, interval=30))
-        results = [(row["backend"], future.result(5)) for row, future in pool.probe.proxy().check_now().get()]
+        results = [(info.backend, future.result(5)) for info, future in pool.probe.proxy().check_now().get()]
         assert results == [(f"127.0.0.1:{good.port}", None), (f"127.0.0.1:{bad.port}", "status 503")]

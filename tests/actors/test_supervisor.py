@@ -21,7 +21,7 @@ import psutil
 import pykka
 import pytest
 
-from pmdaemon.actors.messages import InstanceEvent
+from pmdaemon.actors.messages import InstanceEvent, ScaleResult
 from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
 from pmdaemon.config.model import AppConfig, instance_spec
 
@@ -333,13 +333,12 @@ def test_scale_adds_the_next_ports_and_removes_the_highest_numbered_first(superv
     recorder = Recorder.start()
     supervisor.subscribe(recorder).get()
     supervisor.start_app(app_config("web", SERVER_APP, port=base)).get()
-    assert supervisor.scale("web", 3).get() == {"app": "web", "instances": 3, "added": ["web-1", "web-2"],
-                                                 "removed": []}
+    assert supervisor.scale("web", 3).get() == ScaleResult("web", 3, added=("web-1", "web-2"), removed=())
     for i in (1, 2):
         wait_until(lambda i=i: answers(base + i), message=f"web-{i} listening")
         assert get(base + i)[1]["X-Instance"] == str(i)
     doomed = [psutil.Process(row(supervisor, f"web-{i}")["pid"]) for i in (1, 2)]
-    assert supervisor.scale("web", 1).get()["removed"] == ["web-2", "web-1"]
+    assert supervisor.scale("web", 1).get().removed == ("web-2", "web-1")
     settle(supervisor, ["web-1", "web-2"])
     assert gone(doomed)
     assert [r["name"] for r in supervisor.list().get()] == ["web-0"]

@@ -89,14 +89,14 @@ def test_scale_up_joins_once_healthy_and_down_drains_the_highest_first(tmp_path,
     with LoadClient(lb_port) as load:
         load.wait_for(10)
         result = runtime.scale("web", 4)
-        assert result["added"] == ["web-2", "web-3"] and result["pending"] == {}
+        assert result["added"] == ("web-2", "web-3") and result["pending"] == {}
         # `scale` returns once they serve: they are up in the pool and answer requests.
         assert states(runtime) == [(f"web-{i}", "up") for i in range(4)]
         seen = load.snapshot()
         load.wait_for(40)
         assert load.seen_since(seen) == {str(base + i) for i in range(4)}  # next increment_var ports
         result = runtime.scale("web", 1)
-        assert result["removed"] == ["web-3", "web-2", "web-1"]
+        assert result["removed"] == ("web-3", "web-2", "web-1")
         assert states(runtime) == [("web-0", "up")]
         seen = load.snapshot()
         load.wait_for(10)

@@ -6,6 +6,7 @@ import threading
 
 from pmdaemon.actors.health import HealthProbe
 from pmdaemon.actors.listener import Listener
+from pmdaemon.actors.messages import HealthInfo
 from pmdaemon.config.model import ListenerConfig
 from pmdaemon.control.timers import Timers
 
@@ -29,7 +30,7 @@ class Pool:
         with self._lock:
             return [b.state for b in self.snapshots[-1].backends]
 
-    def health(self) -> list[dict]:
+    def health(self) -> list[HealthInfo]:
         return self.probe.proxy().status().get()
 
     def close(self):
