@@ -442,7 +442,9 @@ def test_lb_monitor_count_2_prints_two_frames(stack):
 
 def test_lb_metrics_text_detailed_and_json_agree(stack):
     pmdaemon, port, base, metrics_port = stack.pmdaemon, stack.port, stack.base, stack.metrics_port
+    before = listener_stats(pmdaemon, port)["requests"]
     send(port, count=2)
+    wait_requests(pmdaemon, port, before + 2)  # one request per backend, counted before the views are read
     plain = samples(run_ok(pmdaemon, "lb", "metrics").stdout)
     listener = str(port)
     assert series(plain, "pmdaemon_requests_total", listener=listener)

@@ -422,9 +422,10 @@ def test_responses_the_balancer_makes_429_and_503_never_open_a_breaker(tmp_path,
 
     admin(base, "/_admin/delay?ms=1000")  # one request holds the only backend connection
     sources = [f"127.0.0.{i}" for i in range(10, 15)]  # each under its own per-IP limit
+    before = served(base)
     with ThreadPoolExecutor(len(sources)) as pool:
         first = pool.submit(get, lb_port, source=sources[0])
-        time.sleep(0.3)
+        wait_until(lambda: served(base) > before, 5, interval=0.02, message="the first request at the backend")
         rest = list(pool.map(lambda source: get(lb_port, source=source).status, sources[1:]))
         assert first.result().status == 200
     assert rest == [503] * len(rest)

@@ -13,6 +13,7 @@ from pmdaemon.config.model import ConnectionPool, Limits, RateLimiting, Retries,
 from support.backends import pattern_bytes, ws_frame
 from support.http import get
 from support.proxyharness import connect, exchange, read_all, read_response
+from support.wait import wait_until
 
 
 def test_round_robin_per_request_on_one_keepalive_connection_and_reuse(backends, lb):
@@ -181,7 +182,7 @@ def test_over_capacity_gives_503(backends, lb):
     proxy = lb([a], connection_pool=ConnectionPool(max_connections=1), timeouts=Timeouts(read=2))
     hung = connect(proxy.port)
     hung.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
-    time.sleep(0.2)
+    wait_until(lambda: a.requests, 5, message="the hung request holding the only backend connection")
     conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=5)
     reply = get(conn, "/")
     assert reply.status == 503 and b"over capacity" in reply.body
@@ -306,7 +307,7 @@ def test_outcomes_and_gauges_are_reported(backends, lb):
     assert o.bytes_in > 20 and o.bytes_out > 20 and 0 <= o.latency < 1
     assert proxy.reports[-1].client_connections == {0: 1}
     conn.close()
-    time.sleep(0.2)
+    wait_until(lambda: proxy.reports[-1].client_connections == {0: 0}, 5, message="the closed connection reported")
     assert proxy.reports[-1].client_connections == {0: 0}
 
 

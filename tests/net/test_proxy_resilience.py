@@ -12,6 +12,7 @@ from pmdaemon.config.model import Retries, Timeouts
 
 from support.http import get
 from support.proxyharness import connect, read_all, read_response
+from support.wait import wait_until
 
 
 def test_stale_pooled_connection_is_not_a_backend_failure(backends, lb):
@@ -124,9 +125,9 @@ def test_removed_listener_finishes_in_flight_requests(backends, lb):
 
     thread = threading.Thread(target=slow_request)
     thread.start()
-    time.sleep(0.15)
+    wait_until(lambda: a.requests, 5, message="the slow request at the backend")  # in flight for 400 ms
     proxy.loop.remove_listener(0)
-    time.sleep(0.1)
+    proxy.settle()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
     thread.join(5)

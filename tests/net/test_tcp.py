@@ -17,6 +17,7 @@ from pmdaemon.states import BackendState
 
 from support.looprunner import EchoServers, TlsFiles, recv_until_closed, running_loops, who
 from support.ports import free_port
+from support.wait import wait_until
 
 MiB = 1 << 20
 
@@ -282,12 +283,12 @@ def test_every_backend_refusing_closes_the_client(balancer):
 def test_no_backend_up_closes_the_client(echo, balancer):
     lb = balancer(echo.ports[:1])
     lb.publish([BackendState.DOWN])
-    time.sleep(0.1)
+    lb.settle()
     with connect(lb.port) as sock:
         assert sock.recv(10) == b""
     assert lb.wait_outcomes(1)[0].error == "no_backend"
     lb.publish([BackendState.UP])
-    time.sleep(0.1)
+    lb.settle()
     with connect(lb.port) as sock:
         assert who(sock) == echo.ports[0]
 
@@ -324,8 +325,11 @@ def test_open_connections_are_reported_as_gauges(echo, balancer):
     lb = balancer(echo.ports)
     with connect(lb.port) as sock:
         who(sock)
-        time.sleep(0.15)
-        report = lb.reports[-1]
+
+        def reported():
+            latest = lb.reports[-1] if lb.reports else None
+            return latest if latest is not None and latest.active else None
+        report = wait_until(reported, 5, message="the open connections reported")
         assert report.active == {(0, 0): 1}
         assert report.client_connections[0] == 1
 

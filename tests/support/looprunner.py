@@ -48,6 +48,14 @@ class RunningLoop:
                       for i, (port, weight, state) in enumerate(zip(self.ports, self.weights, states)))
         self.loop.publish(PoolSnapshot(0, self.version, views))
 
+    def settle(self, timeout: float = 5.0) -> None:
+        """Return once the loop thread has run every call made to it before (publish, remove_listener,
+        ...): the loop runs them in the order they were made."""
+        done = threading.Event()
+        self.loop._call(done.set)
+        if not done.wait(timeout):
+            raise AssertionError(f"the loop did not run its pending calls within {timeout:g} s")
+
     def outcomes(self) -> list:
         return [o for r in list(self.reports) for o in r.outcomes]
 
