@@ -36,7 +36,8 @@ _PROTO_HTTP = b"X-Forwarded-Proto: http\r\n"
 
 
 def _named_by_connection(tokens: list[bytes], drop: frozenset[bytes]) -> frozenset[bytes]:
-    """`drop` plus the fields the Connection header names, protected ones excepted."""
+    """`drop` plus the fields the Connection header names, protected ones excepted. Callers skip the
+    call when every token is hop-by-hop already (`close`, `keep-alive`, `upgrade`: nearly every head)."""
     extra = [t for t in tokens if t not in HOP_BY_HOP and t not in PROTECTED]
     return drop.union(extra) if extra else drop
 
@@ -51,7 +52,7 @@ def forward_head(head: RequestHead, client_ip: bytes, trusted: bool, tls: bool, 
     if head.websocket:
         drop = drop - {b"upgrade"}
     tokens = head.connection_tokens
-    if tokens:
+    if tokens and not HOP_BY_HOP.issuperset(tokens):
         drop = _named_by_connection(tokens, drop)
     fields = head.fields
     kept = [line for lname, line in fields if lname not in drop]
@@ -90,7 +91,7 @@ def filtered_response(resp: ResponseHead, keep_upgrade: bool) -> list[bytes]:
     the caller appends its own fields and the blank line."""
     drop = HOP_BY_HOP_BUT_UPGRADE if keep_upgrade else HOP_BY_HOP
     tokens = resp.connection_tokens
-    if tokens:
+    if tokens and not HOP_BY_HOP.issuperset(tokens):
         drop = _named_by_connection(tokens, drop)
     kept = [line for lname, line in resp.fields if lname not in drop]
     if kept:
