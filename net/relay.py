@@ -237,7 +237,7 @@ def upstream_error(conn: ClientConnection, up: BackendConnection, exc: OSError, 
     elif connecting:
         reason = exc.strerror or str(exc)
         _attempt_failed(conn, ErrorKind.CONNECT, 502, f"cannot connect to backend {up.view.address}: {reason}",
-                             Failure.CONNECT)
+                        Failure.CONNECT)
     else:
         _upstream_lost(conn, up, f"backend connection failed: {exc.strerror or exc}")
 
@@ -249,8 +249,7 @@ def upstream_timeout(conn: ClientConnection, up: BackendConnection, connecting: 
     listener = conn.listener
     address = up.view.address
     if connecting:
-        _attempt_failed(conn, ErrorKind.TIMEOUT, 504, f"connecting to backend {address} timed out",
-                             Failure.CONNECT)
+        _attempt_failed(conn, ErrorKind.TIMEOUT, 504, f"connecting to backend {address} timed out", Failure.CONNECT)
     elif conn.sent_to_client:
         if not up.reading:  # held back while the client drains what it has: no backend delay
             up.set_deadline(conn.loop.now + listener.read_timeout)
@@ -258,10 +257,10 @@ def upstream_timeout(conn: ClientConnection, up: BackendConnection, connecting: 
         conn.abort(ErrorKind.TIMEOUT)
     elif up.pending:
         _attempt_failed(conn, ErrorKind.TIMEOUT, 504, f"backend {address} stopped reading the request",
-                             Failure.TIMEOUT)
+                        Failure.TIMEOUT)
     else:
         _attempt_failed(conn, ErrorKind.TIMEOUT, 504, f"backend {address} did not answer within "
-                                                     f"{listener.read_timeout:g} s", Failure.TIMEOUT)
+                                                      f"{listener.read_timeout:g} s", Failure.TIMEOUT)
 
 
 def _upstream_lost(conn: ClientConnection, up: BackendConnection, why: str) -> None:
@@ -284,8 +283,7 @@ def upstream_invalid(conn: ClientConnection, why: str) -> None:
     if conn.sent_to_client:
         conn.abort(ErrorKind.INVALID_RESPONSE)
         return
-    _attempt_failed(conn, ErrorKind.INVALID_RESPONSE, 502, f"invalid response from backend: {why}",
-                         Failure.INVALID)
+    _attempt_failed(conn, ErrorKind.INVALID_RESPONSE, 502, f"invalid response from backend: {why}", Failure.INVALID)
 
 
 # ---- response side -----------------------------------------------------------------------

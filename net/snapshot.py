@@ -73,7 +73,7 @@ class Outcome(NamedTuple):
 
 def build_outcome(listener: int, backend: int, client_ip: str, error: ErrorKind | None, status: int = 0,
                   latency: float = 0.0, bytes_in: int = 0, bytes_out: int = 0, lb_made: bool = False) -> Outcome:
-    """The one place the data plane fills in an `Outcome` (net/proxy.py, net/tcpproxy.py). The
+    """The one place the data plane fills in an `Outcome` (net/proxy.py, net/relay.py, net/tcpproxy.py). The
     defaults describe what moved no bytes and sent no status: a failed attempt, a refused connection."""
     return Outcome(listener, backend, status, latency, bytes_in, bytes_out, error, client_ip, lb_made)
 
