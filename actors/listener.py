@@ -264,9 +264,8 @@ class Listener(pykka.ThreadingActor):
         row = self._rows[index]
         view = self._published[index] if self._published else None
         return BackendInfo(
-            index=index, id=row.id, address=row.config.address, instance=row.config.instance, app=row.config.app,
+            id=row.id, address=row.config.address, instance=row.config.instance, app=row.config.app,
             process=row.instance_status, state=view.state if view else BackendState.DOWN, healthy=row.healthy,
-            health_error=row.health_error, breaker=row.breaker, draining=row.draining,
-            quarantined_for=max(0.0, row.quarantined_until - time.monotonic()), weight=row.weight,
-            region=row.config.region, listener=self.config.port,
+            health_error=row.health_error, breaker=row.breaker, draining=row.draining, weight=row.weight,
+            region=row.config.region,
         )

@@ -56,7 +56,6 @@ class BackendInfo:
     """Listener -> whoever asks (`backends()`, `drain()`, `enable()`, `replace_pool()`): one backend of
     its pool table, the parts of `lb backends` the Listener knows."""
 
-    index: int  # position in ListenerConfig.backends
     id: int  # BackendView.index
     address: str
     instance: str | None
@@ -67,10 +66,8 @@ class BackendInfo:
     health_error: str | None
     breaker: BreakerState
     draining: bool
-    quarantined_for: float  # seconds left out after an ejection or a failed check
     weight: int
     region: str | None
-    listener: int  # the listener's port
 
 
 @dataclass(frozen=True)
@@ -109,11 +106,10 @@ class BackendTraffic:
 @dataclass(frozen=True)
 class BackendScore:
     """Scorer -> whoever asks (`scores()`): a performance_based backend's score at the last update (the
-    weight it is moving to, 1..100, 100 = the best backend), its current weight, and the metrics the
-    score came from (None before the first update)."""
+    weight it is moving to, 1..100, 100 = the best backend) and the metrics the score came from (None
+    before the first update)."""
 
     score: int
-    weight: int
     metrics: BackendMetrics | None
 
 

@@ -51,9 +51,8 @@ class Scorer(pykka.ThreadingActor):
 
     def scores(self) -> list[BackendScore]:
         """Per backend, in ListenerConfig.backends order."""
-        scores, weights = self._scorer.scores, self._scorer.weights
-        return [BackendScore(scores.get(i, MAX_WEIGHT), weights.get(i, MAX_WEIGHT), self._last.get(i))
-                for i in range(len(self._backends))]
+        scores = self._scorer.scores
+        return [BackendScore(scores.get(i, MAX_WEIGHT), self._last.get(i)) for i in range(len(self._backends))]
 
     def _score(self) -> None:
         stats = pykka.get_all([ref.proxy().stats() for ref in self._backend_refs], timeout=ASK_TIMEOUT)
