@@ -211,7 +211,8 @@ class Daemon:
     # -- commands --------------------------------------------------------------------------------
 
     def handle(self, cmd: str, args: dict) -> tuple[object, Callable[[], None] | None]:
-        """Dispatch one control request. Returns (result, after_send)."""
+        """Dispatch one control request. Returns (result, after_send). The server starts only once the
+        Runtime exists (`start`), so every command may use it."""
         if cmd == "kill":
             return self._kill(), self.request_stop
         method = getattr(self, f"_cmd_{cmd}", None)
@@ -226,13 +227,13 @@ class Daemon:
         return self.runtime.supervisor.proxy()
 
     def _cmd_ping(self, _args: dict) -> dict:
-        config = getattr(self.runtime, "config", None)
+        config = self.runtime.config
         return {
             "pid": os.getpid(),
             "home": str(self.paths.home),
             "uptime": round(time.time() - self.started_at, 3),
             "ready": self.ready.is_set(),
-            "config": getattr(config, "source", None),
+            "config": config.source if config is not None else None,
         }
 
     def _cmd_start(self, args: dict) -> dict:
@@ -336,7 +337,7 @@ class Daemon:
         return frame
 
     def _kill(self) -> dict:
-        infos = self._supervisor().instances().get(timeout=ASK_TIMEOUT) if self.runtime is not None else []
+        infos = self._supervisor().instances().get(timeout=ASK_TIMEOUT)
         return {"pid": os.getpid(), "instances": [info.name for info in infos]}
 
 
