@@ -127,11 +127,7 @@ class Timeouts:
 class Retries:
     max_attempts: int = 3
     retry_delay: float = 0.0
-    backoff_factor: float = 2.0
-
-    def delay_before(self, attempt: int) -> float:
-        """Delay before attempt `attempt` (2 = the first retry): retry_delay x factor^(n-1)."""
-        return self.retry_delay * self.backoff_factor ** (attempt - 2)
+    backoff_factor: float = 2.0  # the delays, attempt by attempt: net/retry.py RetryPolicy.delay_before
 
 
 @dataclass(frozen=True)

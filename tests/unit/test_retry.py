@@ -30,10 +30,9 @@ def test_from_config_allows_at_least_one_attempt_and_no_delay_by_default() -> No
     assert RetryPolicy.from_config(Retries()).next_delay(Failure.CONNECT, 1) == 0.0
 
 
-def test_delay_before_matches_the_config_rule() -> None:
-    retries = Retries(max_attempts=5, retry_delay=0.1, backoff_factor=3.0)
-    policy = RetryPolicy.from_config(retries)
-    assert [policy.delay_before(n) for n in (2, 3, 4)] == [retries.delay_before(n) for n in (2, 3, 4)]
+def test_each_retry_waits_backoff_factor_times_longer_than_the_one_before() -> None:
+    policy = RetryPolicy.from_config(Retries(max_attempts=5, retry_delay=0.1, backoff_factor=3.0))
+    assert [policy.delay_before(n) for n in (2, 3, 4)] == pytest.approx([0.1, 0.3, 0.9])
 
 
 @pytest.mark.parametrize("failure, reused, idempotent, replayable, fresh", [
