@@ -60,7 +60,7 @@ from pmdaemon.config.loader import ConfigError
 from pmdaemon.config.model import AppConfig, BackendConfig, Config, ListenerConfig, instance_spec
 from pmdaemon.control.fanout import ListenerUnit, ReportFanOut
 from pmdaemon.control.lbqueries import LbQueries
-from pmdaemon.control.rollout import Instance, Rollout, RolloutAborted, Seat
+from pmdaemon.control.rollout import ASK_TIMEOUT, Instance, Rollout, RolloutAborted, Seat
 from pmdaemon.control.timers import Timers
 from pmdaemon.net.listeners import ListenerTls
 from pmdaemon.net.loop import IOLoop
@@ -69,7 +69,6 @@ from pmdaemon.net.sticky import load_or_create_key
 from pmdaemon.net.strategies import make_strategy
 from pmdaemon.states import InstanceStatus
 
-ASK_TIMEOUT = 10.0  # seconds; an actor that does not answer this fast is stuck
 LOOP_JOIN_TIMEOUT = 10.0
 
 
