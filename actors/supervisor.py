@@ -14,7 +14,7 @@ history (control/restartpolicy.py). Statuses:
   stopped          no process, on request (or after an exit with `autorestart: false`)
   waiting restart  crashed; `restart_delay` or the exponential backoff is running
   errored          not restarted: `max_restarts` unstable restarts, its port already in use, or a
-                   spawn failure (missing interpreter); `list()` says why in `error`
+                   spawn failure (missing interpreter); `instances()` says why in `error`
 
 The actor never blocks on a process (except `stop_all()`, which is for shutdown). The watcher thread
 (control/procwatch.py) tells it `_ChildExited` the moment a process exits, and its timers tell it
@@ -28,7 +28,7 @@ stopped; a requested restart -> spawned again at once; otherwise it was a crash 
 rules decide: restart (now or after a delay), errored, or stopped.
 
 Before each spawn of an instance that has a port, 127.0.0.1:<port> is probed with a connect: when
-something already accepts there, the instance is `errored` with that reason (in `list()` and its
+something already accepts there, the instance is `errored` with that reason (in `instances()` and its
 error log) instead of crash-looping on EADDRINUSE. Every `sample_interval` the process trees are
 sampled (RSS over the whole tree against `max_memory_restart`; orphans adopted from a running
 instance's group are reaped), and usage subscribers are told the CPU and RSS of the instances whose
@@ -44,7 +44,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Collection
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 from pathlib import Path
 
@@ -292,10 +292,6 @@ class ProcessSupervisor(pykka.ThreadingActor):
                 restarts=instance.restarts, cpu=round(cpu, 1), memory=memory, error=instance.error,
             ))
         return infos
-
-    def list(self) -> list[dict]:
-        """The control socket's answer to `pmdaemon list`: `instances()` as JSON objects."""
-        return [asdict(info) for info in self.instances()]
 
     def logs(self, app: str, lines: int = 15) -> dict[str, dict]:
         """The last `lines` lines of each selected instance's logs: {instance: {out, err, out_path, err_path}}."""

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pykka
@@ -261,7 +261,7 @@ class Daemon:
         return load_config(path)
 
     def _cmd_list(self, _args: dict) -> list:
-        return self._supervisor().list().get(timeout=ASK_TIMEOUT)
+        return [asdict(info) for info in self._supervisor().instances().get(timeout=ASK_TIMEOUT)]
 
     def _target_command(self, verb: str, args: dict) -> list:
         """stop/restart/delete, answered once the instances have settled (PM2 waits the same way)."""

@@ -21,7 +21,7 @@ import psutil
 import pykka
 import pytest
 
-from pmdaemon.actors.messages import InstanceEvent, ScaleResult
+from pmdaemon.actors.messages import InstanceEvent, InstanceInfo, ScaleResult
 from pmdaemon.actors.supervisor import ProcessSupervisor, UnknownTarget
 from pmdaemon.config.model import AppConfig, instance_spec
 
@@ -81,12 +81,12 @@ def assert_no_children_left(before: set[psutil.Process]) -> None:
     wait_until(lambda: not children_now() - before, timeout=1.0, message="no child process left, zombies included")
 
 
-def row(supervisor, name: str) -> dict:
-    return next(r for r in supervisor.list().get() if r["name"] == name)
+def row(supervisor, name: str) -> InstanceInfo:
+    return next(r for r in supervisor.instances().get() if r.name == name)
 
 
-def wait_status(supervisor, name: str, status: str, timeout: float = 5.0) -> dict:
-    return wait_until(lambda: (r := row(supervisor, name))["status"] == status and r, timeout=timeout,
+def wait_status(supervisor, name: str, status: str, timeout: float = 5.0) -> InstanceInfo:
+    return wait_until(lambda: (r := row(supervisor, name)).status == status and r, timeout=timeout,
                       interval=0.01, message=f"{name} {status}")
 
 
@@ -125,8 +125,8 @@ def test_instances_get_consecutive_ports_instance_ids_env_args_and_cwd(superviso
         assert report["argv"] == ["--mode", "fast"]
         assert report["cwd"] == str(tmp_path)
         assert report["pgid"] == report["pid"]  # each instance leads its own process group
-    rows = supervisor.list().get()
-    assert [(r["name"], r["app"], r["status"], r["port"]) for r in rows] == [
+    rows = supervisor.instances().get()
+    assert [(r.name, r.app, r.status, r.port) for r in rows] == [
         ("rep-0", "rep", "online", base), ("rep-1", "rep", "online", base + 1), ("rep-2", "rep", "online", base + 2)]
     assert supervisor.app_names().get() == ["rep"]
 
@@ -154,11 +154,11 @@ def test_kill_9_is_back_online_within_a_second_with_the_restart_counted(supervis
     port = free_port()
     supervisor.start_app(app_config("web", SERVER_APP, port=port, min_uptime=1.0)).get()
     wait_until(lambda: answers(port), message="web listening")
-    old_pid = row(supervisor, "web-0")["pid"]
+    old_pid = row(supervisor, "web-0").pid
     os.kill(old_pid, signal.SIGKILL)
-    back = wait_until(lambda: (r := row(supervisor, "web-0"))["pid"] not in (None, old_pid)
-                      and r["status"] == "online" and r, timeout=1.0, interval=0.005, message="web-0 back online")
-    assert back["restarts"] == 1
+    back = wait_until(lambda: (r := row(supervisor, "web-0")).pid not in (None, old_pid)
+                      and r.status == "online" and r, timeout=1.0, interval=0.005, message="web-0 back online")
+    assert back.restarts == 1
     wait_until(lambda: answers(port), message="the new process listening")
 
 
@@ -170,8 +170,8 @@ def test_crash_loop_ends_errored_with_restarts_equal_to_max_restarts(supervisor,
     (logs / "crash-0-out.log").write_text("line from an earlier run\n")
     supervisor.start_app(app_config("crash", TEST_APPS / "crasher.py", max_restarts=3, min_uptime=1.0)).get()
     errored = wait_status(supervisor, "crash-0", "errored")
-    assert errored["restarts"] == 3 and errored["pid"] is None
-    assert "max_restarts (3)" in errored["error"]
+    assert errored.restarts == 3 and errored.pid is None
+    assert "max_restarts (3)" in errored.error
     assert statuses(recorder, "crash-0") == ["launching", "online"] * 4 + ["errored"]
     out = (logs / "crash-0-out.log").read_text()
     assert out.startswith("line from an earlier run\n") and out.count("crasher 0 starting") == 4  # appended
@@ -181,7 +181,7 @@ def test_crash_loop_ends_errored_with_restarts_equal_to_max_restarts(supervisor,
     assert tail["out"] == "crasher 0 starting\ncrasher 0 starting\n"
     assert tail["out_path"] == str(logs / "crash-0-out.log") and tail["err_path"] == str(logs / "crash-0-error.log")
     time.sleep(0.3)
-    assert row(supervisor, "crash-0")["restarts"] == 3  # stays errored: no more restarts
+    assert row(supervisor, "crash-0").restarts == 3  # stays errored: no more restarts
 
 
 def test_restart_delay_shows_waiting_restart_then_restarts(supervisor):
@@ -191,7 +191,7 @@ def test_restart_delay_shows_waiting_restart_then_restarts(supervisor):
                      min_uptime=0.2)
     supervisor.start_app(app).get()
     wait_status(supervisor, "slowcrash-0", "waiting restart")
-    wait_until(lambda: row(supervisor, "slowcrash-0")["restarts"] == 1, message="the delayed restart")
+    wait_until(lambda: row(supervisor, "slowcrash-0").restarts == 1, message="the delayed restart")
     assert statuses(recorder, "slowcrash-0")[:5] == ["launching", "online", "waiting restart", "launching", "online"]
 
 
@@ -200,15 +200,15 @@ def test_stop_during_waiting_restart_cancels_the_restart(supervisor):
     supervisor.start_app(app).get()
     wait_status(supervisor, "slowcrash-0", "waiting restart")
     supervisor.stop("slowcrash").get()
-    assert row(supervisor, "slowcrash-0")["status"] == "stopped"
+    assert row(supervisor, "slowcrash-0").status == "stopped"
     assert supervisor.restart("slowcrash").get() == ["slowcrash-0"]  # and a restart starts it at once
-    assert row(supervisor, "slowcrash-0")["restarts"] == 1
+    assert row(supervisor, "slowcrash-0").restarts == 1
 
 
 def test_autorestart_false_leaves_a_crashed_instance_stopped(supervisor):
     supervisor.start_app(app_config("once", TEST_APPS / "crasher.py", autorestart=False)).get()
     stopped = wait_status(supervisor, "once-0", "stopped")
-    assert stopped["restarts"] == 0
+    assert stopped.restarts == 0
 
 
 def family(supervisor, tmp_path, name: str = "fam", **settings) -> list[psutil.Process]:
@@ -234,7 +234,7 @@ def test_stop_leaves_no_process_of_the_tree_behind(supervisor, tmp_path):
 def test_stop_sends_sigkill_after_kill_timeout(supervisor, tmp_path, home):
     processes = family(supervisor, tmp_path, env={"IGNORE_TERM": "1"}, kill_timeout=0.3)
     supervisor.stop("fam-0").get()
-    assert row(supervisor, "fam-0")["status"] == "stopping"
+    assert row(supervisor, "fam-0").status == "stopping"
     time.sleep(0.1)
     assert all(p.is_running() for p in processes)  # SIGTERM is ignored
     settle(supervisor, ["fam-0"])
@@ -249,7 +249,7 @@ def test_delete_removes_the_instances_and_tells_subscribers(supervisor, tmp_path
     assert supervisor.delete("fam").get() == ["fam-0"]
     assert settle(supervisor, ["fam-0"]) == []
     assert gone(processes)
-    assert supervisor.list().get() == [] and supervisor.app_names().get() == []
+    assert supervisor.instances().get() == [] and supervisor.app_names().get() == []
     last = recorder.proxy().seen().get()[-1]
     assert (last.name, last.removed) == ("fam-0", True)
 
@@ -258,16 +258,16 @@ def test_stop_all_waits_until_every_process_is_gone(supervisor, tmp_path):
     processes = family(supervisor, tmp_path, env={"IGNORE_TERM": "1"}, kill_timeout=0.3)
     port = free_port()
     supervisor.start_app(app_config("web", SERVER_APP, port=port)).get()
-    web = psutil.Process(row(supervisor, "web-0")["pid"])
+    web = psutil.Process(row(supervisor, "web-0").pid)
     supervisor.stop_all().get()
     assert gone(processes + [web])
-    assert {r["status"] for r in supervisor.list().get()} == {"stopped"}
+    assert {r.status for r in supervisor.instances().get()} == {"stopped"}
 
 
 def test_orphans_of_a_running_instance_are_reaped(supervisor):
     before = children_now()
     supervisor.start_app(app_config("orph", TEST_APPS / "orphaner.py")).get()
-    leader = row(supervisor, "orph-0")["pid"]
+    leader = row(supervisor, "orph-0").pid
     orphan = wait_until(lambda: next((c for c in psutil.Process().children() if c.pid != leader and c not in before),
                                      None), message="the orphan adopted")
     wait_until(lambda: not orphan.is_running(), message="the orphan reaped")
@@ -289,7 +289,7 @@ def test_restart_spawns_a_new_process_and_counts_it(supervisor):
     port = free_port()
     supervisor.start_app(app_config("web", SERVER_APP, port=port)).get()
     supervisor.subscribe(recorder).get()
-    old = psutil.Process(row(supervisor, "web-0")["pid"])
+    old = psutil.Process(row(supervisor, "web-0").pid)
     assert supervisor.restart("web").get() == ["web-0"]
     [restarted] = settle(supervisor, ["web-0"])
     assert restarted.status == "online" and restarted.pid != old.pid and restarted.restarts == 1
@@ -303,12 +303,12 @@ def test_a_port_in_use_is_errored_clearly_without_a_restart_loop(supervisor, hom
         port = squatter.getsockname()[1]
         assert supervisor.start_app(app_config("web", SERVER_APP, port=port)).get() == ["web-0"]
         errored = row(supervisor, "web-0")
-        assert errored["status"] == "errored" and errored["pid"] is None and errored["restarts"] == 0
-        assert f"port {port} is already in use" in errored["error"]
-        assert f"by pid {os.getpid()}" in errored["error"]
+        assert errored.status == "errored" and errored.pid is None and errored.restarts == 0
+        assert f"port {port} is already in use" in errored.error
+        assert f"by pid {os.getpid()}" in errored.error
         assert f"port {port} is already in use" in (home / "logs" / "web-0-error.log").read_text()
         time.sleep(0.3)
-        assert row(supervisor, "web-0")["status"] == "errored"
+        assert row(supervisor, "web-0").status == "errored"
     supervisor.restart("web-0").get()  # freed: a restart brings it up
     wait_until(lambda: answers(port), message="web listening once the port is free")
 
@@ -318,13 +318,13 @@ def test_a_missing_interpreter_is_errored_clearly(supervisor):
     app = replace(app, instance_specs=(instance_spec(app, 0),))
     supervisor.start_app(app).get()
     errored = row(supervisor, "ghost-0")
-    assert errored["status"] == "errored" and "/nonexistent/python3" in errored["error"]
+    assert errored.status == "errored" and "/nonexistent/python3" in errored.error
 
 
 def test_max_memory_restart_restarts_an_instance_over_its_limit(supervisor, home):
     app = app_config("hog", TEST_APPS / "memhog.py", env={"HOG_MB": 64}, max_memory_restart=32 * 1024 * 1024)
     supervisor.start_app(app).get()
-    wait_until(lambda: row(supervisor, "hog-0")["restarts"] >= 1, message="a memory restart")
+    wait_until(lambda: row(supervisor, "hog-0").restarts >= 1, message="a memory restart")
     assert "max_memory_restart" in (home / "logs" / "hog-0-error.log").read_text()
 
 
@@ -337,11 +337,11 @@ def test_scale_adds_the_next_ports_and_removes_the_highest_numbered_first(superv
     for i in (1, 2):
         wait_until(lambda i=i: answers(base + i), message=f"web-{i} listening")
         assert get(base + i)[1]["X-Instance"] == str(i)
-    doomed = [psutil.Process(row(supervisor, f"web-{i}")["pid"]) for i in (1, 2)]
+    doomed = [psutil.Process(row(supervisor, f"web-{i}").pid) for i in (1, 2)]
     assert supervisor.scale("web", 1).get().removed == ("web-2", "web-1")
     settle(supervisor, ["web-1", "web-2"])
     assert gone(doomed)
-    assert [r["name"] for r in supervisor.list().get()] == ["web-0"]
+    assert [r.name for r in supervisor.instances().get()] == ["web-0"]
     removed = [e.name for e in recorder.proxy().seen().get() if e.removed]
     assert sorted(removed) == ["web-1", "web-2"]
 
@@ -360,7 +360,7 @@ def test_list_reports_uptime_memory_and_the_process_tree(supervisor, tmp_path):
     processes = family(supervisor, tmp_path)
     time.sleep(0.2)
     listed = row(supervisor, "fam-0")
-    assert listed["uptime"] > 0 and listed["memory"] > 10 * 1024 * 1024 and isinstance(listed["cpu"], float)
+    assert listed.uptime > 0 and listed.memory > 10 * 1024 * 1024 and isinstance(listed.cpu, float)
     assert set(supervisor.pids("fam-0").get()) == {p.pid for p in processes}
 
 
@@ -376,6 +376,6 @@ def test_starting_a_running_app_leaves_it_alone(supervisor):
     port = free_port()
     app = app_config("web", SERVER_APP, port=port)
     supervisor.start_app(app).get()
-    pid = row(supervisor, "web-0")["pid"]
+    pid = row(supervisor, "web-0").pid
     assert supervisor.start_app(app).get() == []
-    assert row(supervisor, "web-0")["pid"] == pid
+    assert row(supervisor, "web-0").pid == pid

@@ -163,7 +163,7 @@ def test_a_crashed_instance_leaves_the_group_and_rejoins_when_restarted(aws, run
     app["restart_delay"] = 1000  # long enough to see the crashed instance out of the group
     runtime.apply(load_config(str(write_config(tmp_path, {"apps": [app]}))))
     wait_until(lambda: aws.registered() == {("127.0.0.1", base)}, 15, message="web-0 registered")
-    pid = runtime.supervisor.proxy().list().get(timeout=10)[0]["pid"]
+    pid = runtime.supervisor.proxy().instances().get(timeout=10)[0].pid
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: aws.registered() == set(), 10, message="the crashed instance deregistered")
     wait_until(lambda: aws.registered() == {("127.0.0.1", base)}, 15, message="the restarted instance registered")
@@ -219,7 +219,7 @@ def test_reload_takes_each_target_out_before_restarting_it_and_puts_it_back(aws,
     runtime.apply(load_config(str(write_config(tmp_path, {"apps": [
         alb_app(app_script, base, aws.arn, instances=2, deregistration_delay=1)]}))))
     wait_until(lambda: aws.registered() == both, 15, message="both instances registered")
-    old = {row["name"]: row["pid"] for row in runtime.supervisor.proxy().list().get(timeout=10)}
+    old = {row.name: row.pid for row in runtime.supervisor.proxy().instances().get(timeout=10)}
 
     result = []
     reloading = threading.Thread(target=lambda: result.append(runtime.reload_app("web")))
@@ -235,7 +235,7 @@ def test_reload_takes_each_target_out_before_restarting_it_and_puts_it_back(aws,
     reloading.join()
     assert result == [{"target": "web", "reloaded": ["web-0", "web-1"]}]
     assert out_while_alive == {"web-0", "web-1"}, "each target leaves the group before its process stops"
-    new = {row["name"]: row["pid"] for row in runtime.supervisor.proxy().list().get(timeout=10)}
+    new = {row.name: row.pid for row in runtime.supervisor.proxy().instances().get(timeout=10)}
     assert all(new[name] != old[name] and not _alive(old[name]) for name in old)
     wait_until(lambda: aws.registered() == both, 15, message="both restarted instances registered again")
 
@@ -247,7 +247,7 @@ def test_registration_is_retried_until_the_endpoint_answers(aws, runtime, tmp_pa
     monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{port}")
     base = free_port_range(1)
     runtime.apply(load_config(str(write_config(tmp_path, {"apps": [alb_app(app_script, base, aws.arn)]}))))
-    wait_until(lambda: runtime.supervisor.proxy().list().get(timeout=10)[0]["status"] == "online", 10,
+    wait_until(lambda: runtime.supervisor.proxy().instances().get(timeout=10)[0].status == "online", 10,
                message="web-0 online")
     assert aws.registered() == set()
     late, _ = _start_moto(port)
@@ -265,7 +265,7 @@ def test_missing_boto3_is_a_clear_error_and_starts_nothing(runtime, tmp_path, ap
     config = load_config(str(write_config(tmp_path, {"apps": [alb_app(app_script, free_port(), arn)]})))
     with pytest.raises(RuntimeError, match=r"apps\[0\]\.aws\.alb: .*pip install 'pmdaemon\[aws\]'"):
         runtime.apply(config)
-    assert runtime.supervisor.proxy().list().get(timeout=10) == []
+    assert runtime.supervisor.proxy().instances().get(timeout=10) == []
 
 
 def test_default_target_id_is_an_ipv4_address_of_this_host():

@@ -47,7 +47,7 @@ def up(runtime: Runtime, count: int) -> None:
 
 
 def pids(runtime: Runtime) -> dict[str, int]:
-    return {row["name"]: row["pid"] for row in runtime.supervisor.proxy().list().get()}
+    return {row.name: row.pid for row in runtime.supervisor.proxy().instances().get()}
 
 
 def test_strategy_change_and_a_new_app_in_the_pool_without_a_failed_request(tmp_path, app_script, runtime):

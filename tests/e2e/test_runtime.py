@@ -30,7 +30,7 @@ def stop_and_wait(runtime: Runtime, name: str) -> None:
 
 
 def online(runtime: Runtime) -> set[str]:
-    return {row["name"] for row in runtime.supervisor.proxy().list().get() if row["status"] == "online"}
+    return {row.name for row in runtime.supervisor.proxy().instances().get() if row.status == "online"}
 
 
 def test_apply_starts_apps_and_shutdown_leaves_no_process_or_thread(tmp_path, app_script):
@@ -39,7 +39,7 @@ def test_apply_starts_apps_and_shutdown_leaves_no_process_or_thread(tmp_path, ap
     try:
         rt.apply(config(tmp_path, {"apps": [http_app_config(app_script, "web", 2, free_port_range(2))]}))
         wait_until(lambda: online(rt) == {"web-0", "web-1"}, message="both instances online")
-        pids = [row["pid"] for row in rt.supervisor.proxy().list().get()]
+        pids = [row.pid for row in rt.supervisor.proxy().instances().get()]
         assert all(pids)
     finally:
         rt.shutdown()
@@ -77,7 +77,7 @@ def test_a_taken_listener_port_is_a_clear_error_and_starts_nothing(tmp_path, app
         data["load_balancer"] = [data["load_balancer"], {**data["load_balancer"], "port": port}]
         with pytest.raises(RuntimeError, match=rf"^load_balancer\[1\]\.port: port {port} is already in use$"):
             runtime.apply(config(tmp_path, data))
-    assert runtime.supervisor.proxy().list().get() == []
+    assert runtime.supervisor.proxy().instances().get() == []
     assert runtime.lb_status() == []
 
 
@@ -159,7 +159,7 @@ def test_restart_unhealthy_restarts_an_instance_that_keeps_failing_its_check(tmp
     runtime.apply(config(tmp_path, data))
     wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up")
     failing.touch()
-    wait_until(lambda: runtime.supervisor.proxy().list().get()[0]["restarts"] >= 1, message="a restart")
+    wait_until(lambda: runtime.supervisor.proxy().instances().get()[0].restarts >= 1, message="a restart")
     failing.unlink()
     wait_until(lambda: runtime.lb_backends()[0]["state"] == "up", message="backend up after the restart")
 

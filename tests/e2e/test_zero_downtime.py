@@ -44,7 +44,7 @@ def start(runtime: Runtime, tmp_path: Path, data: dict) -> None:
 
 
 def pids(runtime: Runtime) -> dict[str, int]:
-    return {row["name"]: row["pid"] for row in runtime.supervisor.proxy().list().get()}
+    return {row.name: row.pid for row in runtime.supervisor.proxy().instances().get()}
 
 
 def states(runtime: Runtime) -> list[tuple[str, str]]:
@@ -101,7 +101,7 @@ def test_scale_up_joins_once_healthy_and_down_drains_the_highest_first(tmp_path,
         seen = load.snapshot()
         load.wait_for(10)
         assert load.seen_since(seen) == {str(base)}
-    assert [row["name"] for row in runtime.supervisor.proxy().list().get()] == ["web-0"]
+    assert [row.name for row in runtime.supervisor.proxy().instances().get()] == ["web-0"]
     assert load.failures == []
     assert [app["instances"] for app in runtime.lb_config()["apps"]] == [1]
 
