@@ -48,7 +48,7 @@ from pmdaemon.net.http1 import END, NEED_DATA, PAUSED, HttpError, RequestHead, R
 from pmdaemon.net.relay import BUFFER_HIGH, REPLAY_LIMIT
 from pmdaemon.net.responses import lb_response
 from pmdaemon.net.retry import RetryPolicy
-from pmdaemon.net.snapshot import BackendView, PoolSnapshot, build_outcome
+from pmdaemon.net.snapshot import BackendView, Outcome, PoolSnapshot
 from pmdaemon.net.strategies import Strategy
 from pmdaemon.net.tokenbucket import RateLimiter
 from pmdaemon.net.tunnel import WebsocketTunnel
@@ -382,7 +382,7 @@ class ClientConnection(Channel):
         """Record the outcome, then wait for the next request or close."""
         loop = self.loop
         listener = self.listener
-        loop.record(build_outcome(listener.index, backend, self.ip, error, status, self.latency, self.bytes_in,
+        loop.record(Outcome(listener.index, backend, self.ip, error, status, self.latency, self.bytes_in,
                                   self.bytes_out, lb_made))
         keep = self.keep_client and self.request_done and not listener.closed and not self.eof
         self._reset_exchange()
@@ -459,7 +459,7 @@ class ClientConnection(Channel):
         self.keep_client = False
         view = self.view
         self._end_attempt(False)
-        self.loop.record(build_outcome(self.listener.index, view.index if view is not None else -1, self.ip, None,
+        self.loop.record(Outcome(self.listener.index, view.index if view is not None else -1, self.ip, None,
                                        101, self.latency, self.bytes_in, self.bytes_out))
         self._reset_exchange()
         if flush:
@@ -491,7 +491,7 @@ class ClientConnection(Channel):
             return
         if self.head is not None:
             view = self.view
-            self.loop.record(build_outcome(self.listener.index, view.index if view is not None else -1, self.ip,
+            self.loop.record(Outcome(self.listener.index, view.index if view is not None else -1, self.ip,
                                            error, self.status, self.latency, self.bytes_in, self.bytes_out))
         self.close()
 

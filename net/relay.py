@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from pmdaemon.net.heads import interim_head, response_head
 from pmdaemon.net.http1 import END, NEED_DATA, PAUSED, HttpError, ResponseHead
 from pmdaemon.net.retry import Failure
-from pmdaemon.net.snapshot import build_outcome
+from pmdaemon.net.snapshot import Outcome
 from pmdaemon.net.upstream import BackendConnection
 from pmdaemon.states import ErrorKind
 
@@ -88,7 +88,7 @@ def _record_failed_attempt(conn: ClientConnection) -> None:
     assert conn.last_error is not None
     kind, _status, _why, backend = conn.last_error
     conn.last_error = None
-    conn.loop.record(build_outcome(conn.listener.index, backend, conn.ip, kind, latency=conn.loop.now - conn.t_head))
+    conn.loop.record(Outcome(conn.listener.index, backend, conn.ip, kind, latency=conn.loop.now - conn.t_head))
 
 
 def end_attempt(conn: ClientConnection, reusable: bool) -> None:

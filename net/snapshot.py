@@ -56,26 +56,23 @@ class PoolSnapshot:
 
 
 class Outcome(NamedTuple):
-    """One finished request (HTTP) or connection (TCP), as the loop saw it."""
+    """One finished request (HTTP) or connection (TCP), as the loop saw it.
+
+    The class is the one place an Outcome is filled in (net/proxy.py, net/relay.py, net/tunnel.py,
+    net/tcpproxy.py call it by keyword): the defaults describe what moved no bytes and sent no status,
+    a failed attempt or a refused connection. No wrapper function: this is built once per request."""
 
     listener: int
     backend: int  # BackendView.index, or -1 when no backend was involved (LB-made response)
-    status: int  # HTTP status sent to the client; 0 for TCP connections
-    latency: float  # seconds from request head received to response head sent (TCP: duration)
-    bytes_in: int  # from the client
-    bytes_out: int  # to the client
-    error: ErrorKind | None  # None, or how it failed (states.ErrorKind says which kinds mean what)
     client_ip: str
+    error: ErrorKind | None  # None, or how it failed (states.ErrorKind says which kinds mean what)
+    status: int = 0  # HTTP status sent to the client; 0 for TCP connections
+    latency: float = 0.0  # seconds from request head received to response head sent (TCP: duration)
+    bytes_in: int = 0  # from the client
+    bytes_out: int = 0  # to the client
     # The load balancer produced the response itself; a backend failure only when it answered 502/504
     # for one (then `backend` and `error` say which and why), see net/breaker.py `verdict`.
-    lb_made: bool
-
-
-def build_outcome(listener: int, backend: int, client_ip: str, error: ErrorKind | None, status: int = 0,
-                  latency: float = 0.0, bytes_in: int = 0, bytes_out: int = 0, lb_made: bool = False) -> Outcome:
-    """The one place the data plane fills in an `Outcome` (net/proxy.py, net/relay.py, net/tcpproxy.py). The
-    defaults describe what moved no bytes and sent no status: a failed attempt, a refused connection."""
-    return Outcome(listener, backend, status, latency, bytes_in, bytes_out, error, client_ip, lb_made)
+    lb_made: bool = False
 
 
 @dataclass(frozen=True)

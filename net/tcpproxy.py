@@ -41,7 +41,7 @@ from pmdaemon.config.model import ListenerConfig
 from pmdaemon.net.accepting import accept_waiting
 from pmdaemon.net.channel import Channel
 from pmdaemon.net.retry import Failure, RetryPolicy
-from pmdaemon.net.snapshot import BackendView, PoolSnapshot, build_outcome
+from pmdaemon.net.snapshot import BackendView, Outcome, PoolSnapshot
 from pmdaemon.net.tls import ServerHandshake, handshake_step
 from pmdaemon.net.tokenbucket import RateLimiter
 from pmdaemon.states import ErrorKind
@@ -93,7 +93,7 @@ class TcpListener:
         limiter = self.rate_limiter
         if limiter is not None and limiter.check(ip, loop.now):
             sock.close()
-            loop.record(build_outcome(self.index, -1, ip, ErrorKind.RATE_LIMITED, lb_made=True))
+            loop.record(Outcome(self.index, -1, ip, ErrorKind.RATE_LIMITED, lb_made=True))
             return False
         self.open += 1
         loop.gauge_clients(self.index, 1)
@@ -346,7 +346,7 @@ class TcpSession:
         view = listener.choose(self.ip, self.exclude)
         if view is None:
             if self.attempts == 0:
-                self.loop.record(build_outcome(listener.index, -1, self.ip, ErrorKind.NO_BACKEND,
+                self.loop.record(Outcome(listener.index, -1, self.ip, ErrorKind.NO_BACKEND,
                                                latency=self.loop.now - self.started, lb_made=True))
             self._discard()
             return
@@ -374,7 +374,7 @@ class TcpSession:
         listener.strategy.finished(view.index)
         self.loop.gauge_active(listener.index, view.index, -1)
         self.view = None
-        self.loop.record(build_outcome(listener.index, view.index, self.ip, kind, latency=self.loop.now - self.started))
+        self.loop.record(Outcome(listener.index, view.index, self.ip, kind, latency=self.loop.now - self.started))
         self.exclude = self.exclude | {view.index}
         delay = listener.retry_policy.next_delay(Failure.CONNECT, self.attempts)
         if delay is None:
@@ -502,7 +502,7 @@ class TcpSession:
         if self.done:
             return
         view = self.view
-        self.loop.record(build_outcome(self.listener.index, view.index if view is not None else -1, self.ip, error,
+        self.loop.record(Outcome(self.listener.index, view.index if view is not None else -1, self.ip, error,
                                        latency=self.loop.now - self.started, bytes_in=self.bytes_in,
                                        bytes_out=self.bytes_out))
         self._discard()

@@ -31,7 +31,7 @@ def counters(text: str) -> dict:
 
 
 def outcomes(listener_index: int, n: int, status: int = 200) -> tuple[Outcome, ...]:
-    return tuple(Outcome(listener_index, i % 2, status, 0.002, 50, 500, None, "127.0.0.1", False) for i in range(n))
+    return tuple(Outcome(listener_index, i % 2, "127.0.0.1", None, status, 0.002, 50, 500) for i in range(n))
 
 
 @pytest.fixture

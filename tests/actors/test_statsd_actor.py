@@ -44,7 +44,7 @@ def test_metrics_actor_pushes_statsd_datagrams(udp_server):
     listener = ListenerConfig(index=0, port=8080, backends=backends, monitoring=monitoring)
     ref = MetricsActor.start([listener], statsd_interval=0.2)
     try:
-        outcomes = tuple(Outcome(0, i % 60, 200, 0.001 * (i % 50), 10, 20, None, "127.0.0.1", False)
+        outcomes = tuple(Outcome(0, i % 60, "127.0.0.1", None, 200, 0.001 * (i % 50), 10, 20)
                          for i in range(3000))
         ref.tell(LoopReport(outcomes, {(0, 1): 4}, {0: 7}))
         lines, sizes = receive_flush(udp_server, "pmd.8080.requests.2xx:")

@@ -25,7 +25,7 @@ def listener(index=0, port=8080, backends=(A, B), **kw) -> ListenerConfig:
 
 def outcome(backend=0, status=200, latency=0.010, bytes_in=100, bytes_out=1000, error=None,
             listener=0, lb_made=False) -> Outcome:
-    return Outcome(listener, backend, status, latency, bytes_in, bytes_out, error, "127.0.0.1", lb_made)
+    return Outcome(listener, backend, "127.0.0.1", error, status, latency, bytes_in, bytes_out, lb_made)
 
 
 def traffic() -> list[Outcome]:

@@ -8,7 +8,7 @@ from pmdaemon.states import BackendState
 
 
 def outcome(backend: int, status: int = 200, error: str | None = None, lb_made: bool = False) -> Outcome:
-    return Outcome(0, backend, status, 0.001, 10, 20, error, "127.0.0.1", lb_made)
+    return Outcome(0, backend, "127.0.0.1", error, status, 0.001, 10, 20, lb_made)
 
 
 def snapshot(version: int, *states: str, slots: int = 2) -> PoolSnapshot:
