@@ -3,7 +3,6 @@ the app's admin switches and request counts, and the daemon's view of each backe
 `lb health`) through its control socket."""
 from __future__ import annotations
 
-import http.client
 import json
 import time
 from pathlib import Path
@@ -44,15 +43,10 @@ def balanced(tmp_path: Path, apps: list[dict], **listener) -> tuple[Path, int]:
 # --- talking to backends and to the balancer ------------------------------------------------------
 
 def admin(port: int, path: str) -> bytes:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", path)
-        response = connection.getresponse()
-        body = response.read()
-        assert response.status == 200, (path, response.status, body)
-        return body
-    finally:
-        connection.close()
+    """GET one of the app's `/_admin/...` switches or counters; it must answer 200."""
+    reply = get(port, path)
+    assert reply.status == 200, (path, reply.status, reply.body)
+    return reply.body
 
 
 def served(port: int) -> int:
